@@ -1,0 +1,315 @@
+"""Input files: INI text -> typed, validated, immutable settings.
+
+An input file has one section per concern; each section maps onto a frozen dataclass below,
+whose fields are the allowed keys.  Every field carries its type, its default (``REQUIRED``
+when the key must be given), a check of its allowed values, and a one-line description,
+which together are the reference of the input format (``python -m hpcflow.config`` prints it).
+
+Example (``inputs/demo.ini``)::
+
+    [run]
+    name = demo
+    output = runs/demo
+    seed = 1234
+    stages = hmc, analysis
+
+    [theory]
+    L = 8
+    beta = 0.576
+    lambda = 0.5
+
+    [hmc]
+    replicas = 4
+    trajectories = 2000
+    ...
+
+Anything wrong -- unknown section or key, a value of the wrong type, out of range or
+inconsistent with another key, a missing required key, an unreadable file -- raises
+:class:`ConfigError`, whose message names the file, section and key and says what is
+allowed.  ``python -m hpcflow.run`` turns it into exit status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REQUIRED = object()
+
+STAGES = ("hmc", "analysis")
+INTEGRATORS = ("leapfrog", "omf2", "omf4")
+DEVICES = ("auto", "cpu", "cuda")
+IO_MODES = ("auto", "mpio", "gather")
+
+
+class ConfigError(ValueError):
+    """A problem with an input file; the message names file, section and key."""
+
+    def __init__(self, path, section: str | None, key: str | None, message: str):
+        self.path, self.section, self.key = str(path), section, key
+        where = self.path
+        if section is not None:
+            where += f": [{section}]"
+        if key is not None:
+            where += f" {key}"
+        super().__init__(f"{where}: {message}")
+
+
+# ---------------------------------------------------------------------------------------
+# Field declarations
+
+
+def _key(default=REQUIRED, check: Callable[[Any], str | None] | None = None, doc: str = ""):
+    """A key of a section: default (or REQUIRED), a check returning an error text or None."""
+    return field(default=None if default is REQUIRED else default,
+                 metadata={"required": default is REQUIRED, "check": check, "doc": doc})
+
+
+def positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def one_of(*allowed):
+    def check(v):
+        return None if v in allowed else f"must be one of {', '.join(allowed)}"
+    return check
+
+
+def name_like(v):
+    ok = v and all(c.isalnum() or c in "-_." for c in v)
+    return None if ok else "must be a non-empty name of letters, digits, '-', '_', '.'"
+
+
+def stage_list(v):
+    bad = [s for s in v if s not in STAGES]
+    if bad:
+        return f"unknown stage {bad[0]!r}; allowed stages: {', '.join(STAGES)}"
+    if not v:
+        return "must name at least one stage"
+    if len(set(v)) != len(v):
+        return "names a stage twice"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """[run]: what to run and where to put it."""
+
+    name: str = _key(check=name_like, doc="run name; also the pyerrors ensemble name")
+    output: str = _key(doc="output directory (relative paths are relative to the working directory)")
+    seed: int = _key(check=non_negative, doc="run seed; replica i's stream is spawned from (seed, i)")
+    stages: tuple = _key(("hmc", "analysis"), check=stage_list,
+                         doc="comma list of stages, run in order: " + ", ".join(STAGES))
+    device: str = _key("auto", check=one_of(*DEVICES),
+                       doc="auto = cuda:(node-local rank %% GPUs) when CUDA exists, else cpu")
+    threads: int = _key(1, check=positive, doc="torch CPU threads per rank")
+    io: str = _key("auto", check=one_of(*IO_MODES),
+                   doc="HDF5 writes: mpio (parallel HDF5), gather (to rank 0), auto = mpio if h5py has MPI")
+    checkpoint_every: int = _key(100, check=positive,
+                                 doc="trajectories between writes of measurements and checkpoints")
+    progress_every: float = _key(10.0, check=positive, doc="seconds between progress lines (rank 0)")
+
+
+@dataclass(frozen=True)
+class TheoryConfig:
+    """[theory]: S = sum_x [-beta sum_mu phi_x phi_{x+mu} + phi_x^2 + lambda (phi_x^2 - 1)^2]."""
+
+    L: int = _key(check=lambda v: None if v >= 2 else "must be >= 2", doc="lattice extent (L x L, periodic)")
+    beta: float = _key(check=positive, doc="hopping coupling")
+    lam: float = _key(0.5, check=non_negative, doc="quartic coupling lambda (key 'lambda')")
+
+
+@dataclass(frozen=True)
+class HMCConfig:
+    """[hmc]: hybrid Monte Carlo production."""
+
+    replicas: int = _key(check=positive, doc="independent chains, over all ranks")
+    trajectories: int = _key(check=positive, doc="measured trajectories per replica, after thermalization")
+    thermalization: int = _key(0, check=non_negative, doc="trajectories discarded first, per replica")
+    length: float = _key(1.0, check=positive, doc="MD trajectory length tau")
+    steps: int = _key(10, check=positive, doc="MD steps per trajectory (eps = length / steps)")
+    integrator: str = _key("leapfrog", check=one_of(*INTEGRATORS), doc="MD integrator")
+    save_every: int = _key(0, check=non_negative,
+                           doc="store a configuration every N measured trajectories; 0 = never")
+    start: str = _key("cold", check=one_of("cold", "hot"),
+                      doc="initial field: cold = all zero, hot = unit Gaussian")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """[analysis]: Gamma-method settings."""
+
+    S: float = _key(2.0, check=positive, doc="Wolff's S parameter of the automatic window")
+    plateau_min: int = _key(0, check=non_negative,
+                            doc="first t of the effective-mass plateau; 0 = L/4")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "theory": TheoryConfig,
+    "hmc": HMCConfig,
+    "analysis": AnalysisConfig,
+}
+OPTIONAL_SECTIONS = {"analysis"}
+KEY_ALIASES = {("theory", "lambda"): "lam"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole input file: one attribute per section, plus where it came from."""
+
+    run: RunConfig
+    theory: TheoryConfig
+    hmc: HMCConfig
+    analysis: AnalysisConfig
+    path: str = ""
+    text: str = ""
+
+    @property
+    def output(self) -> Path:
+        return Path(self.run.output)
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing
+
+
+def _convert(raw: str, typ, path, section, key):
+    raw = raw.strip()
+    try:
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            v = float(raw)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if typ is tuple:
+            return tuple(s.strip() for s in raw.split(",") if s.strip())
+        if typ is bool:
+            low = raw.lower()
+            if low in ("1", "yes", "true", "on"):
+                return True
+            if low in ("0", "no", "false", "off"):
+                return False
+            raise ValueError
+        return raw
+    except ValueError:
+        kind = {int: "an integer", float: "a finite number", bool: "a boolean (yes/no)"}[typ]
+        raise ConfigError(path, section, key, f"expected {kind}, got {raw!r}") from None
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = {"int": int, "float": float, "str": str, "tuple": tuple, "bool": bool}
+    return {f.name: hints[f.type] for f in dataclasses.fields(cls)}
+
+
+def _ini_key(section: str, name: str) -> str:
+    for (sec, key), alias in KEY_ALIASES.items():
+        if sec == section and alias == name:
+            return key
+    return name
+
+
+def _parse_section(cls, section: str, items: dict[str, str], path):
+    types = _field_types(cls)
+    values = {}
+    for key, raw in items.items():
+        name = KEY_ALIASES.get((section, key), key)
+        if name not in types:
+            allowed = ", ".join(_ini_key(section, n) for n in types)
+            raise ConfigError(path, section, key, f"unknown key; allowed keys: {allowed}")
+        values[name] = _convert(raw, types[name], path, section, key)
+    for f in dataclasses.fields(cls):
+        key = _ini_key(section, f.name)
+        if f.name not in values:
+            if f.metadata["required"]:
+                raise ConfigError(path, section, key, "required key is missing")
+            values[f.name] = f.default
+        check = f.metadata["check"]
+        if check is not None:
+            problem = check(values[f.name])
+            if problem:
+                raise ConfigError(path, section, key, f"{problem} (got {values[f.name]!r})")
+    return cls(**values)
+
+
+def _cross_checks(cfg: Config):
+    p = cfg.path
+    t = cfg.theory
+    if t.lam == 0 and t.beta >= 0.5:
+        raise ConfigError(p, "theory", "beta",
+                          f"the free field (lambda = 0) needs beta < 1/2 to be stable (got {t.beta})")
+
+
+def parse(text: str, path: str | Path = "<string>") -> Config:
+    """Parse the text of an input file; raise ConfigError on any problem."""
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"),
+                                       delimiters=("=",), strict=True)
+    parser.optionxform = str  # keys are case sensitive: L is not l
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(path, e.section, None, "section appears twice") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(path, e.section, e.option, "key appears twice") from None
+    except configparser.Error as e:
+        raise ConfigError(path, None, None, f"not a valid INI file: {e.message.splitlines()[0]}") from None
+    for section in parser.sections():
+        if section not in SECTIONS:
+            raise ConfigError(path, section, None,
+                              f"unknown section; allowed sections: {', '.join(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        if name not in parser:
+            if name not in OPTIONAL_SECTIONS:
+                raise ConfigError(path, name, None, "required section is missing")
+            sections[name] = _parse_section(cls, name, {}, path)
+        else:
+            sections[name] = _parse_section(cls, name, dict(parser[name]), path)
+    cfg = Config(**sections, path=str(path), text=text)
+    _cross_checks(cfg)
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    """Read and parse an input file; raise ConfigError (naming the file) on any problem."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(path, None, None, f"cannot read input file: {reason}") from None
+    return parse(text, path)
+
+
+def reference() -> str:
+    """The input-file reference: every section and key with its default and meaning."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]  {cls.__doc__.split(':', 1)[1].strip()}")
+        for f in dataclasses.fields(cls):
+            default = "(required)" if f.metadata["required"] else f"= {_show(f.default)}"
+            lines.append(f"  {_ini_key(section, f.name):16s} {default:18s} {f.metadata['doc']}")
+        lines.append("")
+    return "\n".join(lines).replace("%%", "%")
+
+
+def _show(v):
+    return ", ".join(v) if isinstance(v, tuple) else str(v)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference())

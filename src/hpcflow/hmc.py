@@ -1,0 +1,116 @@
+"""Molecular-dynamics integrators and hybrid Monte Carlo over any action.
+
+HMC (Duane, Kennedy, Pendleton, Roweth 1987) samples exp(-S(phi)) by evolving
+H(pi, phi) = 1/2 sum pi^2 + S(phi) with a reversible, area-preserving integrator for a
+trajectory of length tau = n_steps * eps and accepting the end point with probability
+min(1, exp(-dH)).  The action is any object with ``action`` and ``force`` (see
+:mod:`hpcflow.action`), so the same code runs plain HMC and flow HMC (FHMC, over a
+flowed action).
+
+Randomness is passed in explicitly (momenta and uniforms drawn by the caller from each
+replica's own stream), so a chain does not depend on how chains are batched.
+
+Integrators are symmetric compositions of momentum kicks ``pi += a eps F(phi)`` and
+position drifts ``phi += b eps pi`` (PHYSICS.md section 4):
+
+    leapfrog  kicks (1/2, 1/2)                       drifts (1)                       order 2
+    omf2      kicks (xi, 1 - 2 xi, xi)               drifts (1/2, 1/2)                order 2
+    omf4      kicks (r1, r3, r5, r5, r3, r1)         drifts (r2, r4, r6, r4, r2)      order 4
+
+with xi = 0.1931833275037836 (Omelyan, Mryglod, Folk, Comput. Phys. Commun. 146 (2002) 188)
+and the 11-stage fourth-order scheme of the same authors, r5 = 1/2 - r1 - r3,
+r6 = 1 - 2 (r2 + r4).  The last kick of one step and the first of the next are merged, so
+n steps of a scheme with k kicks cost n (k - 1) + 1 force evaluations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Integrator:
+    """A symmetric kick-drift-...-kick scheme: len(kicks) == len(drifts) + 1."""
+
+    name: str
+    kicks: tuple[float, ...]
+    drifts: tuple[float, ...]
+    order: int
+
+    @property
+    def forces_per_step(self) -> int:
+        return len(self.kicks) - 1
+
+    def __call__(self, phi, pi, force, eps: float, n_steps: int):
+        """Integrate Hamilton's equations for n_steps steps of size eps; returns (phi, pi).
+
+        ``force`` is a callable phi -> F(phi); the inputs are not modified."""
+        kicks, drifts = self.kicks, self.drifts
+        pi = pi + (kicks[0] * eps) * force(phi)
+        for step in range(n_steps):
+            for j, b in enumerate(drifts):
+                phi = phi + (b * eps) * pi
+                a = kicks[j + 1]
+                if j == len(drifts) - 1 and step < n_steps - 1:
+                    a = a + kicks[0]  # merge with the next step's first kick
+                pi = pi + (a * eps) * force(phi)
+        return phi, pi
+
+
+OMF2_XI = 0.1931833275037836
+OMF4_R1 = 0.08398315262876693
+OMF4_R2 = 0.2539785108410595
+OMF4_R3 = 0.6822365335719091
+OMF4_R4 = -0.03230286765269967
+OMF4_R5 = 0.5 - OMF4_R1 - OMF4_R3
+OMF4_R6 = 1.0 - 2.0 * (OMF4_R2 + OMF4_R4)
+
+INTEGRATORS = {
+    "leapfrog": Integrator("leapfrog", (0.5, 0.5), (1.0,), 2),
+    "omf2": Integrator("omf2", (OMF2_XI, 1.0 - 2.0 * OMF2_XI, OMF2_XI), (0.5, 0.5), 2),
+    "omf4": Integrator("omf4", (OMF4_R1, OMF4_R3, OMF4_R5, OMF4_R5, OMF4_R3, OMF4_R1),
+                       (OMF4_R2, OMF4_R4, OMF4_R6, OMF4_R4, OMF4_R2), 4),
+}
+
+
+class HMCState(NamedTuple):
+    """Chains' positions and their actions: phi [B, L, L], S [B]."""
+
+    phi: torch.Tensor
+    S: torch.Tensor
+
+
+class HMCInfo(NamedTuple):
+    """What one trajectory did, per chain: dH [B], accepted [B] (bool)."""
+
+    dH: torch.Tensor
+    accepted: torch.Tensor
+
+
+def init_state(action, phi: torch.Tensor) -> HMCState:
+    return HMCState(phi, action.action(phi))
+
+
+def kinetic(pi: torch.Tensor) -> torch.Tensor:
+    """1/2 sum_x pi_x^2 per chain."""
+    return 0.5 * (pi * pi).flatten(1).sum(1)
+
+
+def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
+             integrator: Integrator, length: float, n_steps: int) -> tuple[HMCState, HMCInfo]:
+    """One HMC trajectory for every chain of the batch.
+
+    pi [B, L, L] are the fresh momenta, log_u [B] the logs of uniform numbers in (0, 1);
+    chain b accepts when log_u[b] < -dH[b], i.e. with probability min(1, exp(-dH))."""
+    eps = length / n_steps
+    phi_new, pi_new = integrator(state.phi, pi, action.force, eps, n_steps)
+    S_new = action.action(phi_new)
+    dH = (kinetic(pi_new) + S_new) - (kinetic(pi) + state.S)
+    accepted = log_u < -dH
+    keep = accepted.view(-1, *([1] * (state.phi.dim() - 1)))
+    new_state = HMCState(torch.where(keep, phi_new, state.phi),
+                         torch.where(accepted, S_new, state.S))
+    return new_state, HMCInfo(dH, accepted)

@@ -1,0 +1,107 @@
+"""Two MPI ranks: the same chains as one rank, bit for bit; mpio and gather, the same file.
+
+Run as ``mpirun -n 2 python -m mpi4py -m pytest --with-mpi tests/test_mpi.py``."""
+
+import numpy as np
+import pytest
+
+from conftest import write_input
+from test_run import read_all
+
+
+def mpi_dirs(root, *names):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    dirs = [root / n for n in names]
+    if comm.Get_rank() == 0:
+        for d in dirs:
+            d.mkdir()
+    comm.Barrier()
+    return comm, dirs
+
+
+@pytest.mark.mpi(min_size=2)
+def test_one_rank_and_many_ranks_give_identical_chains(mpi_tmp_path):
+    from mpi4py import MPI
+
+    from hpcflow import run
+
+    comm, (many, one) = mpi_dirs(mpi_tmp_path, "many", "one")
+    kw = dict(L=6, replicas=5, trajectories=30, thermalization=3, save_every=10,
+              checkpoint_every=7, stages="hmc, analysis")
+    if comm.Get_rank() == 0:
+        write_input(many, **kw)
+        write_input(one, **kw)
+    comm.Barrier()
+    assert run.main([str(many / "t.ini")]) == 0
+    if comm.Get_rank() == 0:
+        assert run.main([str(one / "t.ini")], comm=MPI.COMM_SELF) == 0
+        a, attrs = read_all(many / "out" / "hmc.h5")
+        b, _ = read_all(one / "out" / "hmc.h5")
+        assert a["observables/M"].shape == (5, 30)
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        assert (many / "out" / "analysis.json").exists()
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mpio_and_gather_write_the_same_file(mpi_tmp_path):
+    from hpcflow import run
+    from hpcflow.store import h5py_has_mpi
+
+    if not h5py_has_mpi():
+        pytest.skip("h5py without MPI support")
+    comm, (d_mpio, d_gather) = mpi_dirs(mpi_tmp_path, "mpio", "gather")
+    if comm.Get_rank() == 0:
+        write_input(d_mpio, io="mpio", replicas=3, save_every=4)
+        write_input(d_gather, io="gather", replicas=3, save_every=4)
+    comm.Barrier()
+    assert run.main([str(d_mpio / "t.ini")]) == 0
+    assert run.main([str(d_gather / "t.ini")]) == 0
+    if comm.Get_rank() == 0:
+        a, _ = read_all(d_mpio / "out" / "hmc.h5")
+        b, _ = read_all(d_gather / "out" / "hmc.h5")
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_resume_under_mpi(mpi_tmp_path):
+    """A 2-rank run interrupted after a checkpoint resumes to the uninterrupted result."""
+    from hpcflow import production, run
+
+    comm, (full, cut) = mpi_dirs(mpi_tmp_path, "full", "cut")
+    kw = dict(replicas=4, trajectories=24, thermalization=2, checkpoint_every=6)
+    if comm.Get_rank() == 0:
+        write_input(full, **kw)
+        write_input(cut, **kw)
+    comm.Barrier()
+    assert run.main([str(full / "t.ini")]) == 0
+
+    real = production._flush
+    calls = {"n": 0}
+
+    def flush_then_stop(*args):
+        real(*args)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    production._flush = flush_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.main([str(cut / "t.ini")])
+    finally:
+        production._flush = real
+    comm.Barrier()
+    assert run.main([str(cut / "t.ini")]) == 0
+    if comm.Get_rank() == 0:
+        a, _ = read_all(full / "out" / "hmc.h5")
+        b, _ = read_all(cut / "out" / "hmc.h5")
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    comm.Barrier()

@@ -1,0 +1,153 @@
+"""The driver end to end in one process: files, resumption, skipping, --force."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcflow import analysis, run
+from hpcflow.store import measured
+
+
+def read_all(path):
+    with h5py.File(path, "r") as f:
+        data = {}
+        f.visititems(lambda name, obj: data.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+        return data, dict(f.attrs)
+
+
+def test_layout_and_attributes(make_input, tmp_path):
+    path = make_input(L=4, replicas=3, trajectories=20, thermalization=5, save_every=5)
+    assert run.main([str(path)]) == 0
+    data, attrs = read_all(tmp_path / "out" / "hmc.h5")
+    assert data["observables/M"].shape == (3, 20)
+    assert data["observables/C"].shape == (3, 20, 3)
+    assert data["mc/dH"].shape == (3, 20) and data["mc/accepted"].shape == (3, 20)
+    assert data["configs"].shape == (3, 4, 4, 4)
+    assert np.isfinite(data["observables/M"]).all()
+    assert set(np.unique(data["mc/accepted"])) <= {0, 1}
+    assert data["checkpoint/trajectory"][0] == 25
+    assert attrs["input"] == path.read_text()
+    for k, v in {"stage": "hmc", "algorithm": "hmc", "L": 4, "beta": 0.5, "lambda": 0.5,
+                 "seed": 7, "replicas": 3}.items():
+        assert attrs[k] == v
+    assert "hpcflow_version" in attrs
+    # stored configurations are the measured ones: M of config k = M at measurement 5k+4
+    import torch
+
+    from hpcflow.observables import magnetization
+
+    M_cfg = magnetization(torch.from_numpy(data["configs"].reshape(12, 4, 4))).numpy().reshape(3, 4)
+    np.testing.assert_array_equal(M_cfg, data["observables/M"][:, 4::5])
+
+
+def test_interrupted_run_resumes_to_the_same_chain(make_input, tmp_path, monkeypatch):
+    """Kill a run after its first checkpoint; the rerun finishes the very same chains."""
+    path = make_input(trajectories=30, thermalization=5, checkpoint_every=10)
+    assert run.main([str(path)]) == 0
+    reference, _ = read_all(tmp_path / "out" / "hmc.h5")
+
+    from hpcflow import production
+
+    calls = {"n": 0}
+    real_flush = production._flush
+
+    def flush_then_die(*args):
+        real_flush(*args)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if killed right after the 2nd checkpoint
+
+    monkeypatch.setattr(production, "_flush", flush_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run.main([str(path), "--force"])
+    with h5py.File(tmp_path / "out" / "hmc.h5", "r") as f:
+        assert f["checkpoint/trajectory"][0] == 20 and measured(f) == 15
+        assert np.isnan(f["observables/M"][:, 15:]).all()
+    monkeypatch.setattr(production, "_flush", real_flush)
+    assert run.main([str(path)]) == 0
+    resumed, _ = read_all(tmp_path / "out" / "hmc.h5")
+    for name, arr in reference.items():
+        np.testing.assert_array_equal(resumed[name], arr, err_msg=name)
+
+
+def test_complete_stage_is_skipped_and_other_input_refused(make_input, tmp_path, capsys):
+    path = make_input()
+    assert run.main([str(path)]) == 0
+    h5 = tmp_path / "out" / "hmc.h5"
+    mtime = h5.stat().st_mtime_ns
+    assert run.main([str(path)]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert h5.stat().st_mtime_ns == mtime
+
+    path.write_text(path.read_text().replace("steps = 5", "steps = 6"))
+    assert run.main([str(path)]) == 2
+    assert "different input" in capsys.readouterr().err
+    assert h5.stat().st_mtime_ns == mtime
+    assert run.main([str(path), "--force"]) == 0
+    with h5py.File(h5, "r") as f:
+        assert f.attrs["steps"] == 6
+
+
+def test_io_paths_give_the_same_file(make_input, tmp_path):
+    """h5py's mpio driver and the gather-to-rank-0 path write identical files."""
+    from hpcflow.store import h5py_has_mpi
+
+    if not h5py_has_mpi():
+        pytest.skip("h5py without MPI: only the gather path exists")
+    files = []
+    for io in ("mpio", "gather"):
+        d = tmp_path / io
+        d.mkdir()
+        from conftest import write_input
+
+        path = write_input(d, io=io)
+        assert run.main([str(path)]) == 0
+        files.append(read_all(d / "out" / "hmc.h5"))
+    (a, attrs_a), (b, attrs_b) = files
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert {k for k in attrs_a if k not in ("input", "input_path")} == set(attrs_b) - {"input", "input_path"}
+
+
+def test_replicas_fewer_than_ranks_is_refused():
+    from hpcflow.parallel import replica_block
+
+    blocks = [replica_block(10, 4, r) for r in range(4)]
+    assert [len(b) for b in blocks] == [3, 3, 2, 2]
+    assert [b.start for b in blocks] == [0, 3, 6, 8]
+    assert sum(len(b) for b in blocks) == 10
+
+
+def test_analysis_cli_json_and_pyerrors_file(make_input, tmp_path, capsys):
+    path = make_input(stages="hmc, analysis", trajectories=200, thermalization=20, L=4, replicas=3)
+    assert run.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tau_int(M)" in out
+    assert analysis.main([str(tmp_path / "out"), "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert set(js) >= {"L", "beta", "lambda", "algorithm", "replicas", "measurements",
+                       "acceptance", "observables"}
+    assert (js["L"], js["algorithm"], js["replicas"], js["measurements"]) == (4, "hmc", 3, 200)
+    for key in ("M", "absM", "M2", "chi"):
+        assert set(js["observables"][key]) == {"value", "error", "tau_int", "tau_int_error"}
+        assert js["observables"][key]["error"] > 0
+    assert set(js["observables"]["xi"]) >= {"value", "error"}
+    assert js["observables"]["chi"]["value"] == pytest.approx(16 * js["observables"]["M2"]["value"])
+    saved = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert saved["observables"]["M"] == js["observables"]["M"]
+
+    import pyerrors as pe
+
+    obs = pe.input.json.load_json(str(tmp_path / "out" / "hmc.obs.json.gz"), verbose=False)
+    assert obs[0].names == [f"t_hmc|r{r:03d}" for r in range(3)]
+    obs[0].gamma_method()
+    assert obs[0].value == pytest.approx(js["observables"]["M"]["value"])
+
+
+def test_analysis_cli_errors(tmp_path, capsys):
+    assert analysis.main([str(tmp_path / "nothing")]) == 2
+    assert analysis.main([str(tmp_path)]) == 2
