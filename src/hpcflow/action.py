@@ -57,3 +57,44 @@ class Phi4Action:
     def force(self, phi: torch.Tensor) -> torch.Tensor:
         return (self.beta * neighbour_sum(phi) - 2.0 * phi
                 - 4.0 * self.lam * phi * (phi * phi - 1.0))
+
+
+class FlowedAction:
+    """The action of the trivialized variables phi~ = f(phi) (Luscher's trivializing map):
+
+        S~(phi~) = S(f^-1(phi~)) - log|det d f^-1 / d phi~|
+                 = S(phi) + log|det df/dphi|          at phi = f^-1(phi~).
+
+    exp(-S~) is the density of phi~ when phi ~ exp(-S), so HMC on S~ followed by the map
+    phi = f^-1(phi~) samples the target exactly for any invertible f; the flow only changes
+    autocorrelations (PHYSICS.md section 5).  The force -dS~/dphi~ comes from autograd
+    through the inverse flow.  ``flow`` is any module with ``inverse(phi~) -> (phi,
+    log|det d f^-1/d phi~|)``; its parameters are frozen here.
+    """
+
+    def __init__(self, target, flow):
+        self.target = target
+        self.flow = flow
+        for p in flow.parameters():
+            p.requires_grad_(False)
+
+    def __repr__(self):
+        return f"FlowedAction({self.target!r}, {type(self.flow).__name__})"
+
+    def action(self, phi_t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            phi, logdet_inv = self.flow.inverse(phi_t)
+            return self.target.action(phi) - logdet_inv
+
+    def force(self, phi_t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = phi_t.detach().requires_grad_(True)
+            phi, logdet_inv = self.flow.inverse(x)
+            S = self.target.action(phi) - logdet_inv
+            (grad,) = torch.autograd.grad(S.sum(), x)
+        return -grad
+
+    def to_physical(self, phi_t: torch.Tensor) -> torch.Tensor:
+        """phi = f^-1(phi~), the field measurements are made on."""
+        with torch.no_grad():
+            return self.flow.inverse(phi_t)[0]

@@ -163,9 +163,16 @@ def _derive(e, p, L, V, S, plateau_min):
         "plateau": [tmin, L // 2 - 1],
         "stage": str(a["stage"]), "file": str(e.path), "S": S,
     }
+    if "flow_prior" in a:
+        result["flow"] = {"prior": str(a["flow_prior"]), "acceptance": _num(a.get("flow_acceptance")),
+                          "spec": json.loads(a["flow_spec"]), "file": str(a["flow_file"])}
     obs = {**{k: p[k] for k in ("M", "absM", "M2", "Gp", "exp_mdH")},
            **{k: v for k, v in derived.items() if v is not None}}
     return {"json": result, "obs": obs}
+
+
+def _num(v):
+    return None if v is None or not np.isfinite(v) else float(v)
 
 
 def write_obs(result: dict, e: Ensemble) -> Path:
@@ -207,6 +214,10 @@ def table(results: list[dict]) -> str:
         row = [_fmt(j["observables"][key]["tau_int"], j["observables"][key]["tau_int_error"])
                for j in js]
         lines.append(f"{'tau_int(' + key + ')':12s}" + "".join(f"{s:>{w}s}" for s in row))
+    if any("flow" in j for j in js):
+        row = [f"{j['flow']['acceptance']:.3f} ({j['flow']['prior']})"
+               if "flow" in j and j["flow"]["acceptance"] is not None else "-" for j in js]
+        lines.append(f"{'flow acc':12s}" + "".join(f"{s:>{w}s}" for s in row))
     return "\n".join(lines)
 
 

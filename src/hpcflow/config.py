@@ -41,7 +41,12 @@ from typing import Any, Callable
 
 REQUIRED = object()
 
-STAGES = ("hmc", "analysis")
+
+class ints(tuple):
+    """Annotation of keys holding a comma list of integers."""
+
+STAGES = ("hmc", "train", "fhmc", "analysis")
+PRIORS = ("gaussian", "coarse-volume", "coarse-interleave")
 INTEGRATORS = ("leapfrog", "omf2", "omf4")
 DEVICES = ("auto", "cpu", "cuda")
 IO_MODES = ("auto", "mpio", "gather")
@@ -115,7 +120,8 @@ class RunConfig:
                          doc="comma list of stages, run in order: " + ", ".join(STAGES))
     device: str = _key("auto", check=one_of(*DEVICES),
                        doc="auto = cuda:(node-local rank %% GPUs) when CUDA exists, else cpu")
-    threads: int = _key(1, check=positive, doc="torch CPU threads per rank")
+    threads: int = _key(0, check=non_negative,
+                        doc="torch CPU threads per rank; 0 = $OMP_NUM_THREADS if set, else 1")
     io: str = _key("auto", check=one_of(*IO_MODES),
                    doc="HDF5 writes: mpio (parallel HDF5), gather (to rank 0), auto = mpio if h5py has MPI")
     checkpoint_every: int = _key(100, check=positive,
@@ -149,6 +155,50 @@ class HMCConfig:
 
 
 @dataclass(frozen=True)
+class FHMCConfig(HMCConfig):
+    """[fhmc]: flow HMC production, HMC in the flowed variables phi~ = f(phi); keys as [hmc]."""
+
+
+def kernel_size_check(v):
+    return None if v >= 1 and v % 2 == 1 else "must be an odd integer >= 1 (3, 5, 7 ...)"
+
+
+def channels_check(v):
+    return None if all(c > 0 for c in v) else "must be positive channel counts"
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """[flow]: the normalizing flow f, phi~ = f(phi) (affine coupling layers, checkerboard masks)."""
+
+    prior: str = _key("gaussian", check=one_of(*PRIORS), doc="distribution r of phi~ the flow is trained from")
+    prior_width: float = _key(1.0, check=positive,
+                              doc="sigma of the gaussian prior (f contracts: sigma <= target's local width)")
+    kernel_size: int = _key(3, check=kernel_size_check, doc="convolution kernel size k of s and t")
+    layers: int = _key(1, check=positive,
+                       doc="coupling blocks (block = pair) or single coupling layers (block = single)")
+    block: str = _key("pair", check=one_of("pair", "single"),
+                      doc="pair: a block is two layers with complementary masks, updating every site")
+    hidden: ints = _key((), check=channels_check,
+                        doc="hidden channels of the s and t networks, comma list; empty = none")
+    file: str = _key("", doc="flow file; empty = <output>/flow.pt (written by the train stage)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """[train]: reverse-KL training of the flow, data parallel over ranks."""
+
+    iterations: int = _key(check=positive, doc="Adam steps")
+    batch_size: int = _key(256, check=positive, doc="samples per step, over all ranks")
+    lr: float = _key(1e-3, check=positive, doc="Adam learning rate")
+    metropolis: int = _key(4096, check=positive,
+                           doc="proposals of the independence-Metropolis chain measuring flow acceptance")
+    eval_every: int = _key(0, check=non_negative,
+                           doc="iterations between Metropolis-acceptance measurements; 0 = iterations/20")
+    checkpoint_every: int = _key(100, check=positive, doc="iterations between training checkpoints")
+
+
+@dataclass(frozen=True)
 class AnalysisConfig:
     """[analysis]: Gamma-method settings."""
 
@@ -161,9 +211,17 @@ SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "theory": TheoryConfig,
     "hmc": HMCConfig,
+    "flow": FlowConfig,
+    "train": TrainConfig,
+    "fhmc": FHMCConfig,
     "analysis": AnalysisConfig,
 }
-OPTIONAL_SECTIONS = {"analysis"}
+# Sections a stage needs; any other section is optional (None when absent, defaults for
+# [analysis] and [flow]).
+STAGE_SECTIONS = {"hmc": ("hmc",), "train": ("flow", "train"), "fhmc": ("flow", "fhmc"),
+                  "analysis": ()}
+ALWAYS = ("run", "theory")
+DEFAULTED = ("analysis", "flow")
 KEY_ALIASES = {("theory", "lambda"): "lam"}
 
 
@@ -173,7 +231,10 @@ class Config:
 
     run: RunConfig
     theory: TheoryConfig
-    hmc: HMCConfig
+    hmc: HMCConfig | None
+    flow: FlowConfig
+    train: TrainConfig | None
+    fhmc: FHMCConfig | None
     analysis: AnalysisConfig
     path: str = ""
     text: str = ""
@@ -199,6 +260,8 @@ def _convert(raw: str, typ, path, section, key):
             return v
         if typ is tuple:
             return tuple(s.strip() for s in raw.split(",") if s.strip())
+        if typ is ints:
+            return tuple(int(s) for s in raw.split(",") if s.strip())
         if typ is bool:
             low = raw.lower()
             if low in ("1", "yes", "true", "on"):
@@ -208,12 +271,13 @@ def _convert(raw: str, typ, path, section, key):
             raise ValueError
         return raw
     except ValueError:
-        kind = {int: "an integer", float: "a finite number", bool: "a boolean (yes/no)"}[typ]
+        kind = {int: "an integer", float: "a finite number", bool: "a boolean (yes/no)",
+                ints: "a comma list of integers"}[typ]
         raise ConfigError(path, section, key, f"expected {kind}, got {raw!r}") from None
 
 
 def _field_types(cls) -> dict[str, type]:
-    hints = {"int": int, "float": float, "str": str, "tuple": tuple, "bool": bool}
+    hints = {"int": int, "float": float, "str": str, "tuple": tuple, "bool": bool, "ints": ints}
     return {f.name: hints[f.type] for f in dataclasses.fields(cls)}
 
 
@@ -253,6 +317,15 @@ def _cross_checks(cfg: Config):
     if t.lam == 0 and t.beta >= 0.5:
         raise ConfigError(p, "theory", "beta",
                           f"the free field (lambda = 0) needs beta < 1/2 to be stable (got {t.beta})")
+    flows = {"train", "fhmc"} & set(cfg.run.stages)
+    if flows and t.L % 2:
+        raise ConfigError(p, "theory", "L", f"the {'/'.join(sorted(flows))} stage needs even L "
+                          f"(checkerboard coupling layers; got {t.L})")
+    if flows and cfg.flow.prior == "coarse-interleave" and t.L % 2:
+        raise ConfigError(p, "theory", "L", "the coarse-interleave prior needs even L")
+    if flows and cfg.flow.kernel_size > t.L:
+        raise ConfigError(p, "flow", "kernel_size",
+                          f"must not exceed L = {t.L} (got {cfg.flow.kernel_size})")
 
 
 def parse(text: str, path: str | Path = "<string>") -> Config:
@@ -273,13 +346,22 @@ def parse(text: str, path: str | Path = "<string>") -> Config:
             raise ConfigError(path, section, None,
                               f"unknown section; allowed sections: {', '.join(SECTIONS)}")
     sections = {}
-    for name, cls in SECTIONS.items():
+    for name in ALWAYS:
         if name not in parser:
-            if name not in OPTIONAL_SECTIONS:
-                raise ConfigError(path, name, None, "required section is missing")
-            sections[name] = _parse_section(cls, name, {}, path)
-        else:
+            raise ConfigError(path, name, None, "required section is missing")
+        sections[name] = _parse_section(SECTIONS[name], name, dict(parser[name]), path)
+    needed = {sec for stage in sections["run"].stages for sec in STAGE_SECTIONS[stage]}
+    for name, cls in SECTIONS.items():
+        if name in ALWAYS:
+            continue
+        if name in parser:
             sections[name] = _parse_section(cls, name, dict(parser[name]), path)
+        elif name in needed and name not in DEFAULTED:
+            stages = [s for s in sections["run"].stages if name in STAGE_SECTIONS[s]]
+            raise ConfigError(path, name, None,
+                              f"required section is missing (the {', '.join(stages)} stage needs it)")
+        else:
+            sections[name] = _parse_section(cls, name, {}, path) if name in DEFAULTED else None
     cfg = Config(**sections, path=str(path), text=text)
     _cross_checks(cfg)
     return cfg
@@ -301,14 +383,14 @@ def reference() -> str:
     for section, cls in SECTIONS.items():
         lines.append(f"[{section}]  {cls.__doc__.split(':', 1)[1].strip()}")
         for f in dataclasses.fields(cls):
-            default = "(required)" if f.metadata["required"] else f"= {_show(f.default)}"
+            default = "(required)" if f.metadata["required"] else f"= {_show(f.default)}".rstrip()
             lines.append(f"  {_ini_key(section, f.name):16s} {default:18s} {f.metadata['doc']}")
         lines.append("")
     return "\n".join(lines).replace("%%", "%")
 
 
 def _show(v):
-    return ", ".join(v) if isinstance(v, tuple) else str(v)
+    return ", ".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
 
 
 if __name__ == "__main__":

@@ -77,10 +77,13 @@ def choose_device(setting: str, comm: MPI.Comm) -> torch.device:
     return torch.device("cpu")
 
 
-def make_world(device: str = "auto", threads: int = 1, comm: MPI.Comm | None = None) -> World:
+def make_world(device: str = "auto", threads: int = 0, comm: MPI.Comm | None = None) -> World:
+    """The world of ``comm`` (default COMM_WORLD); threads = 0 takes $OMP_NUM_THREADS or 1."""
     comm = MPI.COMM_WORLD if comm is None else comm
+    if threads == 0:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else 1
     torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     return World(comm, choose_device(device, comm))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -23,10 +23,7 @@ import torch
 from . import observables, store
 from .hmc import INTEGRATORS, HMCState, hmc_step, init_state
 from .parallel import ReplicaStreams, World
-
-
-class StageError(RuntimeError):
-    """A stage cannot run as asked (e.g. an existing result from another input)."""
+from .store import StageError
 
 
 @dataclass(frozen=True)
@@ -38,6 +35,7 @@ class ChainSpec:
     action: object
     purpose: str
     to_physical: Callable[[torch.Tensor], torch.Tensor] = lambda phi: phi
+    attrs: dict = field(default_factory=dict)  # extra file attributes, part of the fingerprint
 
 
 def log(world: World, msg: str):
@@ -92,7 +90,7 @@ def produce(cfg, world: World, section, spec: ChainSpec, path, force: bool = Fal
     if R < world.size:
         raise StageError(f"{cfg.path}: [{spec.stage}] replicas: {R} replicas cannot be spread "
                          f"over {world.size} MPI ranks (each rank needs at least one)")
-    attrs = store.common_attrs(cfg, spec.stage, spec.algorithm, section)
+    attrs = store.common_attrs(cfg, spec.stage, spec.algorithm, section) | spec.attrs
     fp = store.fingerprint({k: v for k, v in attrs.items() if k not in ("input", "input_path")})
     attrs["fingerprint"] = fp
 

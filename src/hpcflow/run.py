@@ -4,6 +4,8 @@ Runs the stages listed in ``[run] stages`` in order, as one process, under
 ``mpirun -n N`` or under ``srun``:
 
     hmc       HMC production of [hmc] replicas over the ranks -> <output>/hmc.h5
+    train     reverse-KL training of the [flow] from its prior -> <output>/flow.pt, train.json
+    fhmc      HMC on the flowed action, measured on f^-1(phi~)  -> <output>/fhmc.h5
     analysis  Gamma-method analysis of the run's ensembles (rank 0) -> <output>/analysis.json,
               <output>/<stage>.obs.json.gz, and the table on standard output
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .config import ConfigError
+from .store import StageError
 
 
 def stage_hmc(cfg, world, force):
@@ -32,6 +35,41 @@ def stage_hmc(cfg, world, force):
     spec = ChainSpec(stage="hmc", algorithm="hmc", action=Phi4Action(cfg.theory.beta, cfg.theory.lam),
                      purpose="hmc")
     produce(cfg, world, cfg.hmc, spec, cfg.output / "hmc.h5", force=force)
+
+
+def flow_path(cfg) -> Path:
+    return Path(cfg.flow.file) if cfg.flow.file else cfg.output / "flow.pt"
+
+
+def stage_train(cfg, world, force):
+    from .action import Phi4Action
+    from .priors import make_prior
+    from .production import log
+    from .train import train
+
+    prior = make_prior(cfg)
+    target = Phi4Action(cfg.theory.beta, cfg.theory.lam)
+    train(cfg, world, prior, target, flow_path(cfg), force=force, log=lambda m: log(world, m))
+
+
+def stage_fhmc(cfg, world, force):
+    from .action import FlowedAction, Phi4Action
+    from .production import ChainSpec, produce
+    from .train import load_flow
+
+    path = flow_path(cfg)
+    if not path.exists():
+        raise StageError(f"{path}: no trained flow (run the train stage first, or set [flow] file)")
+    flow, payload = load_flow(path, cfg, world.device)
+    flow.eval()
+    action = FlowedAction(Phi4Action(cfg.theory.beta, cfg.theory.lam), flow)
+    attrs = {"flow_file": str(path), "flow_prior": payload["prior"],
+             "flow_spec": json.dumps(payload["spec"], sort_keys=True),
+             "flow_fingerprint": payload["fingerprint"],
+             "flow_acceptance": float(payload.get("acceptance") or float("nan"))}
+    spec = ChainSpec(stage="fhmc", algorithm="fhmc", action=action, purpose="fhmc",
+                     to_physical=action.to_physical, attrs=attrs)
+    produce(cfg, world, cfg.fhmc, spec, cfg.output / "fhmc.h5", force=force)
 
 
 def stage_analysis(cfg, world, force):
@@ -49,7 +87,7 @@ def stage_analysis(cfg, world, force):
     world.comm.Barrier()
 
 
-STAGES = {"hmc": stage_hmc, "analysis": stage_analysis}
+STAGES = {"hmc": stage_hmc, "train": stage_train, "fhmc": stage_fhmc, "analysis": stage_analysis}
 
 
 def main(argv=None, comm=None) -> int:
@@ -68,7 +106,7 @@ def main(argv=None, comm=None) -> int:
     from mpi4py import MPI
 
     from .parallel import make_world
-    from .production import StageError
+    from .store import StageError
 
     comm = MPI.COMM_WORLD if comm is None else comm
     try:

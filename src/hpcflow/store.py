@@ -45,6 +45,10 @@ from . import __version__
 CHECKPOINT_WIDTH = 6
 
 
+class StageError(RuntimeError):
+    """A stage cannot run as asked (e.g. an existing result made from another input)."""
+
+
 def h5py_has_mpi() -> bool:
     return bool(h5py.get_config().mpi)
 
