@@ -6,6 +6,9 @@ Measures, on one rank and one device, what a production costs:
   batch of B chains, for each B of ``--batches``: trajectories per second of the batch,
   per replica (B times that), and the cost of one batch trajectory relative to B = 1.
   A batched code costs a small multiple of one chain's trajectory, not B times it.
+- ``fhmc_vs_hmc``: one FHMC trajectory (FlowedAction over the [flow] architecture given by
+  ``--kernel-size``, ``--layers``, ``--hidden``; forces by autograd) against one HMC
+  trajectory, both with ``--fhmc-batch`` chains and the same integrator: the cost ratio.
 
 Each case first runs ``--warmup`` trajectories, then times ``--trajectories`` of them, and
 repeats that ``--repeat`` times keeping the fastest (the least disturbed) run.  All ratios
@@ -72,6 +75,24 @@ def bench_hmc_batch(args, device):
     return rows
 
 
+def bench_fhmc(args, device):
+    from .action import FlowedAction
+    from .flow import Flow
+
+    target = Phi4Action(args.beta, args.lam)
+    flow = Flow(args.L, kernel_size=args.kernel_size, layers=args.layers, hidden=args.hidden)
+    with torch.no_grad():  # generic weights: the cost does not depend on their values
+        for p in flow.parameters():
+            p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
+    flowed = FlowedAction(target, flow.to(device))
+    B = args.fhmc_batch
+    hmc = time_hmc(target, B, args.L, args.trajectories, args.steps, device, args.warmup, args.repeat)
+    fhmc = time_hmc(flowed, B, args.L, max(5, args.trajectories // 5), args.steps, device,
+                    args.warmup, args.repeat)
+    return {"B": B, "flow": flow.spec(), "hmc_seconds_per_trajectory": hmc,
+            "fhmc_seconds_per_trajectory": fhmc, "fhmc_over_hmc": fhmc / hmc}
+
+
 def machine():
     info = {"hpcflow": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
@@ -93,8 +114,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fhmc-batch", type=int, default=64)
+    ap.add_argument("--kernel-size", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--hidden", default="", help="comma list of hidden channels")
+    ap.add_argument("--skip-fhmc", action="store_true")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -106,6 +133,12 @@ def main(argv=None) -> int:
     for r in result["hmc_batch"]:
         print(f"{r['B']:6d} {r['trajectories_per_second']:10.1f} "
               f"{r['replica_trajectories_per_second']:15.1f} {r['cost_relative_to_first']:17.2f}")
+    if not args.skip_fhmc:
+        r = result["fhmc_vs_hmc"] = bench_fhmc(args, device)
+        print(f"FHMC vs HMC, L={args.L}, B={r['B']}, flow {r['flow']}: "
+              f"HMC {r['hmc_seconds_per_trajectory'] * 1e3:.2f} ms, "
+              f"FHMC {r['fhmc_seconds_per_trajectory'] * 1e3:.2f} ms per trajectory, "
+              f"ratio {r['fhmc_over_hmc']:.1f}")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"written {args.out}")

@@ -45,7 +45,7 @@ REQUIRED = object()
 class ints(tuple):
     """Annotation of keys holding a comma list of integers."""
 
-STAGES = ("hmc", "train", "fhmc", "analysis")
+STAGES = ("coarse", "hmc", "train", "fhmc", "analysis")
 PRIORS = ("gaussian", "coarse-volume", "coarse-interleave")
 INTEGRATORS = ("leapfrog", "omf2", "omf4")
 DEVICES = ("auto", "cpu", "cuda")
@@ -199,6 +199,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CoarseConfig:
+    """[coarse]: the coarse ensemble that coarse priors draw from (HMC at beta' on L')."""
+
+    beta: float = _key(check=positive, doc="coarse hopping coupling beta' (lambda as in [theory])")
+    L: int = _key(check=lambda v: None if v >= 2 else "must be >= 2",
+                  doc="coarse lattice: L of [theory] (coarse-volume) or L/2 (coarse-interleave)")
+    replicas: int = _key(check=positive, doc="coarse chains, over all ranks")
+    samples: int = _key(check=positive, doc="decorrelated configurations kept for training, in all")
+    eval_samples: int = _key(4096, check=positive,
+                             doc="further configurations, never trained on, for the flow acceptance")
+    spacing: int = _key(0, check=non_negative,
+                        doc="trajectories between kept configurations; 0 = ceil(2 tau_int(M)) measured")
+    pilot: int = _key(2000, check=positive,
+                      doc="trajectories per replica of the pilot run that measures tau_int(M)")
+    thermalization: int = _key(500, check=non_negative, doc="trajectories discarded first, per replica")
+    length: float = _key(1.0, check=positive, doc="MD trajectory length")
+    steps: int = _key(10, check=positive, doc="MD steps per trajectory")
+    integrator: str = _key("leapfrog", check=one_of(*INTEGRATORS), doc="MD integrator")
+    seed: int = _key(-1, doc="seed of the coarse chains; -1 = [run] seed")
+    file: str = _key("", doc="coarse ensemble file, shareable between inputs; empty = <output>/coarse.h5")
+
+
+@dataclass(frozen=True)
 class AnalysisConfig:
     """[analysis]: Gamma-method settings."""
 
@@ -214,12 +237,13 @@ SECTIONS: dict[str, type] = {
     "flow": FlowConfig,
     "train": TrainConfig,
     "fhmc": FHMCConfig,
+    "coarse": CoarseConfig,
     "analysis": AnalysisConfig,
 }
 # Sections a stage needs; any other section is optional (None when absent, defaults for
 # [analysis] and [flow]).
-STAGE_SECTIONS = {"hmc": ("hmc",), "train": ("flow", "train"), "fhmc": ("flow", "fhmc"),
-                  "analysis": ()}
+STAGE_SECTIONS = {"coarse": ("coarse",), "hmc": ("hmc",), "train": ("flow", "train"),
+                  "fhmc": ("flow", "fhmc"), "analysis": ()}
 ALWAYS = ("run", "theory")
 DEFAULTED = ("analysis", "flow")
 KEY_ALIASES = {("theory", "lambda"): "lam"}
@@ -235,6 +259,7 @@ class Config:
     flow: FlowConfig
     train: TrainConfig | None
     fhmc: FHMCConfig | None
+    coarse: CoarseConfig | None
     analysis: AnalysisConfig
     path: str = ""
     text: str = ""
@@ -318,11 +343,22 @@ def _cross_checks(cfg: Config):
         raise ConfigError(p, "theory", "beta",
                           f"the free field (lambda = 0) needs beta < 1/2 to be stable (got {t.beta})")
     flows = {"train", "fhmc"} & set(cfg.run.stages)
+    if flows and cfg.flow.prior == "coarse-interleave" and t.L % 2:
+        raise ConfigError(p, "theory", "L", "the coarse-interleave prior needs even L "
+                          f"(four L/2 lattices interleaved; got {t.L})")
     if flows and t.L % 2:
         raise ConfigError(p, "theory", "L", f"the {'/'.join(sorted(flows))} stage needs even L "
                           f"(checkerboard coupling layers; got {t.L})")
-    if flows and cfg.flow.prior == "coarse-interleave" and t.L % 2:
-        raise ConfigError(p, "theory", "L", "the coarse-interleave prior needs even L")
+    if "train" in cfg.run.stages and cfg.flow.prior.startswith("coarse"):
+        c = cfg.coarse
+        if c is None:
+            raise ConfigError(p, "coarse", None, f"required section is missing (prior = {cfg.flow.prior})")
+        want = t.L if cfg.flow.prior == "coarse-volume" else t.L // 2
+        if c.L != want:
+            raise ConfigError(p, "coarse", "L", f"must be {want} for prior = {cfg.flow.prior} "
+                              f"with [theory] L = {t.L} (got {c.L})")
+    if cfg.coarse is not None and t.lam == 0 and cfg.coarse.beta >= 0.5:
+        raise ConfigError(p, "coarse", "beta", "the free field (lambda = 0) needs beta < 1/2")
     if flows and cfg.flow.kernel_size > t.L:
         raise ConfigError(p, "flow", "kernel_size",
                           f"must not exceed L = {t.L} (got {cfg.flow.kernel_size})")

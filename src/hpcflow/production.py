@@ -36,6 +36,7 @@ class ChainSpec:
     purpose: str
     to_physical: Callable[[torch.Tensor], torch.Tensor] = lambda phi: phi
     attrs: dict = field(default_factory=dict)  # extra file attributes, part of the fingerprint
+    initial_from: str | None = None  # continue the chains of this ensemble file's checkpoint
 
 
 def log(world: World, msg: str):
@@ -118,7 +119,12 @@ def produce(cfg, world: World, section, spec: ChainSpec, path, force: bool = Fal
         writer.create(attrs, store.layout(L, R, N, saved))
         done = 0
         status = "done"
-        if section.start == "hot":
+        if spec.initial_from is not None:
+            import h5py
+
+            with h5py.File(spec.initial_from, "r") as f:
+                phi = torch.from_numpy(f["checkpoint/phi"][block.start:block.stop]).to(world.device)
+        elif section.start == "hot":
             phi = streams.normal((L, L), world.device)
         else:
             phi = torch.zeros(len(block), L, L, dtype=torch.float64, device=world.device)

@@ -3,6 +3,7 @@
 Runs the stages listed in ``[run] stages`` in order, as one process, under
 ``mpirun -n N`` or under ``srun``:
 
+    coarse    decorrelated coarse ensemble (beta', L') for the coarse priors -> [coarse] file
     hmc       HMC production of [hmc] replicas over the ranks -> <output>/hmc.h5
     train     reverse-KL training of the [flow] from its prior -> <output>/flow.pt, train.json
     fhmc      HMC on the flowed action, measured on f^-1(phi~)  -> <output>/fhmc.h5
@@ -28,6 +29,12 @@ from .config import ConfigError
 from .store import StageError
 
 
+def stage_coarse(cfg, world, force):
+    from .coarse import generate
+
+    generate(cfg, world, force)
+
+
 def stage_hmc(cfg, world, force):
     from .action import Phi4Action
     from .production import ChainSpec, produce
@@ -47,7 +54,10 @@ def stage_train(cfg, world, force):
     from .production import log
     from .train import train
 
-    prior = make_prior(cfg)
+    try:
+        prior = make_prior(cfg)
+    except ValueError as err:
+        raise StageError(f"{cfg.path}: [flow] prior: {err}") from None
     target = Phi4Action(cfg.theory.beta, cfg.theory.lam)
     train(cfg, world, prior, target, flow_path(cfg), force=force, log=lambda m: log(world, m))
 
@@ -87,7 +97,7 @@ def stage_analysis(cfg, world, force):
     world.comm.Barrier()
 
 
-STAGES = {"hmc": stage_hmc, "train": stage_train, "fhmc": stage_fhmc, "analysis": stage_analysis}
+STAGES = {"coarse": stage_coarse, "hmc": stage_hmc, "train": stage_train, "fhmc": stage_fhmc, "analysis": stage_analysis}
 
 
 def main(argv=None, comm=None) -> int:

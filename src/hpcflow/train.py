@@ -83,7 +83,11 @@ def _gather_log_w(world: World, local: torch.Tensor) -> np.ndarray | None:
 
 
 def measure_acceptance(world, flow, prior, target, n, seed, tag, batch=1024) -> dict:
-    """Flow Metropolis acceptance and ESS from n fresh proposals (spread over ranks)."""
+    """Flow Metropolis acceptance and ESS from n fresh proposals (spread over ranks).
+
+    Proposals come from ``prior.fresh``: for a coarse prior, held-out configurations never
+    trained on, each used once (so n is capped by the prior's ``capacity``)."""
+    n = int(min(n, prior.capacity))
     block = replica_block(n, world.size, world.rank)
     rng = np.random.Generator(np.random.PCG64(
         np.random.SeedSequence(seed, spawn_key=(purpose_key("metropolis"), purpose_key(tag), world.rank))))
@@ -91,8 +95,9 @@ def measure_acceptance(world, flow, prior, target, n, seed, tag, batch=1024) -> 
     with torch.no_grad():
         for start in range(0, len(block), batch):
             m = min(batch, len(block) - start)
-            integrand, _ = log_weights(flow, prior, target, m, rng, world.device)
-            chunks.append(-integrand)
+            phi_t, log_r = prior.fresh(m, block.start + start, rng, world.device)
+            phi, logdet_inv = flow.inverse(phi_t)
+            chunks.append(-(target.action(phi) - logdet_inv + log_r))
     local = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.float64)
     log_w = _gather_log_w(world, local)
     result = None
@@ -108,7 +113,9 @@ def measure_acceptance(world, flow, prior, target, n, seed, tag, batch=1024) -> 
 def flow_fingerprint(cfg) -> str:
     return fingerprint({"L": cfg.theory.L, "beta": cfg.theory.beta, "lambda": cfg.theory.lam,
                         "seed": cfg.run.seed, "flow": dataclasses.asdict(cfg.flow) | {"file": ""},
-                        "train": dataclasses.asdict(cfg.train)})
+                        "train": dataclasses.asdict(cfg.train),
+                        "coarse": (dataclasses.asdict(cfg.coarse)
+                                   if cfg.flow.prior.startswith("coarse") else None)})
 
 
 def save_flow(path: Path, payload: dict):
@@ -197,6 +204,8 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
             log(f"[train] {path} is complete: skipped (use --force to retrain)")
         return payload
 
+    if world.is_root:
+        path.parent.mkdir(parents=True, exist_ok=True)
     flow = build_flow(cfg, world.device)
     params = [p for p in flow.parameters()]
     optimizer = torch.optim.Adam(params, lr=t.lr)

@@ -1,0 +1,126 @@
+"""The coarse stage: a decorrelated ensemble of the coarse theory for the coarse priors.
+
+PHYSICS.md section 6: a flow can be trained from configurations of the theory at a coarser
+lattice spacing (beta' < beta), either on the same L (bigger physical volume) or on L/2
+(four of them interleaved into one L lattice).  The prior's samples must be independent,
+so they are taken at least 2 tau_int(M) trajectories apart, tau_int measured.
+
+Steps, all through the ordinary production loop (so resumable, spread over ranks):
+
+1. pilot: ``[coarse] pilot`` trajectories per replica after ``thermalization``, measuring M
+   -> ``<coarse file stem>-pilot.h5``; tau_int(M) from the Gamma method, replicas combined;
+2. spacing = ``[coarse] spacing``, or ceil(2 tau_int) when that is 0 (a configured spacing
+   below 2 tau_int is used, with a warning);
+3. production: the pilot's chains continue, one configuration kept every ``spacing``
+   trajectories, until ``samples + eval_samples`` are stored -> the coarse file, whose
+   attributes record the spacing and tau_int(M) measured on the production itself.
+
+The coarse file has the ensemble layout of :mod:`hpcflow.store` (algorithm hmc at L', beta').
+Its fingerprint depends on the coarse settings and seed only, not on the run name or the
+target, so inputs that name the same ``[coarse] file`` share it: a later run with the same
+settings reuses it, one with other settings is refused unless ``--force``.
+
+Of the stored configurations, ordered by trajectory then replica, the first ``samples``
+are the training pool and the next ``eval_samples`` are held out: the flow acceptance is
+measured on those alone, each used once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .action import Phi4Action
+from .config import HMCConfig, TheoryConfig
+from .production import ChainSpec, log, produce
+from .store import StageError
+
+
+def coarse_path(cfg) -> Path:
+    return Path(cfg.coarse.file) if cfg.coarse.file else cfg.output / "coarse.h5"
+
+
+def coarse_config(cfg):
+    """The input as seen by the coarse productions: theory (L', beta', lambda), coarse seed."""
+    c = cfg.coarse
+    seed = cfg.run.seed if c.seed < 0 else c.seed
+    run = dataclasses.replace(cfg.run, name=f"coarse_L{c.L}_b{c.beta:g}", seed=seed)
+    theory = TheoryConfig(L=c.L, beta=c.beta, lam=cfg.theory.lam)
+    return dataclasses.replace(cfg, run=run, theory=theory)
+
+
+def tau_int_M(path, S: float = 2.0) -> tuple[float, float]:
+    """tau_int(M) of an ensemble file, replicas combined (Gamma method)."""
+    from .analysis import _obs, load
+
+    e = load(path)
+    o = _obs(e.M, e.name)
+    o.gamma_method(S=S)
+    return float(o.e_tauint[e.name]), float(o.e_dtauint[e.name])
+
+
+def generate(cfg, world, force: bool = False) -> Path:
+    """Run the coarse stage (pilot, spacing, production); returns the coarse file."""
+    c = cfg.coarse
+    ccfg = coarse_config(cfg)
+    path = coarse_path(cfg)
+    pilot_path = path.with_name(path.stem + "-pilot.h5")
+    action = Phi4Action(c.beta, cfg.theory.lam)
+    common = dict(replicas=c.replicas, length=c.length, steps=c.steps, integrator=c.integrator)
+    if world.is_root:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    world.comm.Barrier()
+
+    pilot = HMCConfig(trajectories=c.pilot, thermalization=c.thermalization, save_every=0, **common)
+    produce(ccfg, world, pilot, ChainSpec("coarse-pilot", "hmc", action, "coarse-pilot"),
+            pilot_path, force=force)
+    tau = world.comm.bcast(tau_int_M(pilot_path, cfg.analysis.S) if world.is_root else None)
+    spacing = c.spacing or max(1, math.ceil(2 * tau[0]))
+    if world.is_root:
+        log(world, f"[coarse] pilot tau_int(M) = {tau[0]:.2f} +- {tau[1]:.2f} trajectories; "
+                   f"spacing {spacing}" + (" (configured)" if c.spacing else " = ceil(2 tau_int)"))
+        if c.spacing and c.spacing < 2 * tau[0]:
+            log(world, f"[coarse] WARNING: [coarse] spacing = {c.spacing} is below 2 tau_int(M) = "
+                       f"{2 * tau[0]:.1f}: the coarse samples are correlated")
+
+    per_replica = math.ceil((c.samples + c.eval_samples) / c.replicas)
+    main = HMCConfig(trajectories=spacing * per_replica, thermalization=0, save_every=spacing, **common)
+    spec = ChainSpec("coarse", "hmc", action, "coarse", initial_from=str(pilot_path),
+                     attrs={"spacing": spacing, "samples": c.samples, "eval_samples": c.eval_samples,
+                            "pilot_tau_int": tau[0], "pilot_tau_int_error": tau[1]})
+    status = produce(ccfg, world, main, spec, path, force=force)
+    if world.is_root and status != "skipped":
+        t, dt = tau_int_M(path, cfg.analysis.S)
+        with h5py.File(path, "r+") as f:
+            f.attrs["tau_int"], f.attrs["tau_int_error"] = t, dt
+        log(world, f"[coarse] {path}: {c.replicas} x {per_replica} configurations, spacing "
+                   f"{spacing}, tau_int(M) = {t:.2f} +- {dt:.2f} on the production")
+        if spacing < 2 * t:
+            log(world, f"[coarse] WARNING: spacing {spacing} < 2 tau_int(M) = {2 * t:.1f} "
+                       f"measured on the production")
+    world.comm.Barrier()
+    return path
+
+
+def load_samples(path, expect_L: int, expect_beta: float, expect_lam: float):
+    """(training pool [samples, L', L'], held-out pool [eval_samples, L', L'], attrs)."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: no coarse ensemble (run the coarse stage first)")
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+        done, total = int(f["checkpoint/trajectory"][0]), int(attrs["thermalization"] + attrs["trajectories"])
+        if done < total:
+            raise StageError(f"{path}: the coarse production is unfinished ({done}/{total} trajectories)")
+        have = (int(attrs["L"]), float(attrs["beta"]), float(attrs["lambda"]))
+        if have != (expect_L, expect_beta, expect_lam):
+            raise StageError(f"{path}: coarse ensemble has (L, beta, lambda) = {have}, "
+                             f"[coarse] asks for {(expect_L, expect_beta, expect_lam)}")
+        configs = f["configs"][()]                                   # [R, per_replica, L, L]
+    ordered = configs.transpose(1, 0, 2, 3).reshape(-1, *configs.shape[2:])
+    n, n_eval = int(attrs["samples"]), int(attrs["eval_samples"])
+    return ordered[:n], ordered[n:n + n_eval], attrs
