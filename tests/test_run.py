@@ -151,3 +151,21 @@ def test_analysis_cli_json_and_pyerrors_file(make_input, tmp_path, capsys):
 def test_analysis_cli_errors(tmp_path, capsys):
     assert analysis.main([str(tmp_path / "nothing")]) == 2
     assert analysis.main([str(tmp_path)]) == 2
+
+
+def test_analysis_compare_shows_other_runs(tmp_path, capsys):
+    from conftest import write_input
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    path_a = write_input(a, name="a", stages="hmc", trajectories=50)
+    assert run.main([str(path_a)]) == 0
+    path_b = write_input(b, name="b", stages="hmc, analysis", trajectories=50, steps=4,
+                         extra=f"\n[analysis]\ncompare = {a / 'out' / 'hmc.h5'}, {tmp_path / 'nope'}\n")
+    capsys.readouterr()
+    assert run.main([str(path_b)]) == 0
+    out = capsys.readouterr().out
+    assert f"{a / 'out' / 'hmc.h5'}: hmc" in out and f"{b / 'out' / 'hmc.h5'}: hmc" in out
+    assert "does not exist (yet)" in out
+    saved = json.loads((b / "out" / "analysis.json").read_text())
+    assert saved["file"] == str(b / "out" / "hmc.h5")  # the JSON holds this run's ensembles only

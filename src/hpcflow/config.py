@@ -228,6 +228,7 @@ class AnalysisConfig:
     S: float = _key(2.0, check=positive, doc="Wolff's S parameter of the automatic window")
     plateau_min: int = _key(0, check=non_negative,
                             doc="first t of the effective-mass plateau; 0 = L/4")
+    compare: tuple = _key((), doc="other runs' directories or .h5 files shown beside this run's table")
 
 
 SECTIONS: dict[str, type] = {

@@ -87,8 +87,15 @@ def stage_analysis(cfg, world, force):
 
     if world.is_root:
         results = analysis.run(cfg.output, S=cfg.analysis.S, plateau_min=cfg.analysis.plateau_min)
+        others = []
+        for other in cfg.analysis.compare:
+            if Path(other).exists():
+                others += analysis.run(other, S=cfg.analysis.S, plateau_min=cfg.analysis.plateau_min,
+                                       write=False)
+            else:
+                print(f"[analysis] [analysis] compare: {other} does not exist (yet); not shown")
         if results:
-            print(analysis.table(results), flush=True)
+            print(analysis.table(others + results), flush=True)
             out = [r["json"] for r in results]
             (cfg.output / "analysis.json").write_text(
                 json.dumps(out[0] if len(out) == 1 else out, indent=1) + "\n")
