@@ -146,7 +146,8 @@ def test_coarse_pipeline_end_to_end(tmp_path, capsys, prior, Lc):
     with h5py.File(tmp_path / "out" / "coarse.h5", "r") as f:
         a = dict(f.attrs)
         assert (a["L"], a["beta"]) == (Lc, 0.5)
-        assert a["spacing"] >= 2 * a["pilot_tau_int"] and a["spacing"] == a["save_every"]
+        assert a["spacing"] == np.ceil(2 * (a["pilot_tau_int"] + 2 * a["pilot_tau_int_error"]))
+        assert a["spacing"] == a["save_every"]
         assert f["configs"].shape == (4, 32, Lc, Lc) and np.isfinite(f["configs"][()]).all()
         assert "tau_int" in a
     assert "pilot tau_int(M)" in out

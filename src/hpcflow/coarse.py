@@ -9,8 +9,10 @@ Steps, all through the ordinary production loop (so resumable, spread over ranks
 
 1. pilot: ``[coarse] pilot`` trajectories per replica after ``thermalization``, measuring M
    -> ``<coarse file stem>-pilot.h5``; tau_int(M) from the Gamma method, replicas combined;
-2. spacing = ``[coarse] spacing``, or ceil(2 tau_int) when that is 0 (a configured spacing
-   below 2 tau_int is used, with a warning);
+2. spacing = ``[coarse] spacing``, or ceil(2 (tau_int + 2 dtau_int)) when that is 0: two
+   autocorrelation times, with the pilot's tau_int taken at its upper two-sigma bound (a
+   short pilot from a cold start tends to underestimate it).  A configured spacing below
+   2 tau_int is used, with a warning;
 3. production: the pilot's chains continue, one configuration kept every ``spacing``
    trajectories, until ``samples + eval_samples`` are stored -> the coarse file, whose
    attributes record the spacing and tau_int(M) measured on the production itself.
@@ -79,10 +81,11 @@ def generate(cfg, world, force: bool = False) -> Path:
     produce(ccfg, world, pilot, ChainSpec("coarse-pilot", "hmc", action, "coarse-pilot"),
             pilot_path, force=force)
     tau = world.comm.bcast(tau_int_M(pilot_path, cfg.analysis.S) if world.is_root else None)
-    spacing = c.spacing or max(1, math.ceil(2 * tau[0]))
+    spacing = c.spacing or max(1, math.ceil(2 * (tau[0] + 2 * tau[1])))
     if world.is_root:
         log(world, f"[coarse] pilot tau_int(M) = {tau[0]:.2f} +- {tau[1]:.2f} trajectories; "
-                   f"spacing {spacing}" + (" (configured)" if c.spacing else " = ceil(2 tau_int)"))
+                   f"spacing {spacing}" + (" (configured)" if c.spacing else
+                                                 " = ceil(2 (tau_int + 2 dtau_int))"))
         if c.spacing and c.spacing < 2 * tau[0]:
             log(world, f"[coarse] WARNING: [coarse] spacing = {c.spacing} is below 2 tau_int(M) = "
                        f"{2 * tau[0]:.1f}: the coarse samples are correlated")
