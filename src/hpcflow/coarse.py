@@ -80,7 +80,9 @@ def generate(cfg, world, force: bool = False) -> Path:
     pilot = HMCConfig(trajectories=c.pilot, thermalization=c.thermalization, save_every=0, **common)
     produce(ccfg, world, pilot, ChainSpec("coarse-pilot", "hmc", action, "coarse-pilot"),
             pilot_path, force=force)
-    tau = world.comm.bcast(tau_int_M(pilot_path, cfg.analysis.S) if world.is_root else None)
+    tau = tau_int_M(pilot_path, cfg.analysis.S) if world.is_root else None
+    world.idle_barrier()
+    tau = world.comm.bcast(tau)
     spacing = c.spacing or max(1, math.ceil(2 * (tau[0] + 2 * tau[1])))
     if world.is_root:
         log(world, f"[coarse] pilot tau_int(M) = {tau[0]:.2f} +- {tau[1]:.2f} trajectories; "
@@ -105,7 +107,7 @@ def generate(cfg, world, force: bool = False) -> Path:
         if spacing < 2 * t:
             log(world, f"[coarse] WARNING: spacing {spacing} < 2 tau_int(M) = {2 * t:.1f} "
                        f"measured on the production")
-    world.comm.Barrier()
+    world.idle_barrier()
     return path
 
 

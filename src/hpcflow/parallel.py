@@ -16,6 +16,7 @@ Layout (DESIGN.md section 3):
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -55,6 +56,13 @@ class World:
 
     def blocks(self, n_replicas: int) -> list[range]:
         return [replica_block(n_replicas, self.size, r) for r in range(self.size)]
+
+    def idle_barrier(self, poll: float = 0.05):
+        """A barrier that sleeps while it waits: ranks waiting for rank 0's serial work
+        (analysis, pilot tau_int) leave their cores to it instead of busy-polling MPI."""
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            time.sleep(poll)
 
 
 def local_rank(comm: MPI.Comm) -> int:

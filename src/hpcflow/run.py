@@ -101,7 +101,7 @@ def stage_analysis(cfg, world, force):
                 json.dumps(out[0] if len(out) == 1 else out, indent=1) + "\n")
         else:
             print(f"[analysis] no ensembles in {cfg.output}", flush=True)
-    world.comm.Barrier()
+    world.idle_barrier()
 
 
 STAGES = {"coarse": stage_coarse, "hmc": stage_hmc, "train": stage_train, "fhmc": stage_fhmc, "analysis": stage_analysis}
