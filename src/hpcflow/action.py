@@ -67,26 +67,65 @@ class FlowedAction:
 
     exp(-S~) is the density of phi~ when phi ~ exp(-S), so HMC on S~ followed by the map
     phi = f^-1(phi~) samples the target exactly for any invertible f; the flow only changes
-    autocorrelations (PHYSICS.md section 5).  The force -dS~/dphi~ comes from autograd
-    through the inverse flow.  ``flow`` is any module with ``inverse(phi~) -> (phi,
-    log|det d f^-1/d phi~|)``; its parameters are frozen here.
+    autocorrelations (PHYSICS.md section 5).  ``flow`` is any module with ``inverse(phi~) ->
+    (phi, log|det d f^-1/d phi~|)``; its parameters are frozen here.
+
+    The force is analytic when the flow has ``frozen()`` (:class:`hpcflow.flow.FrozenFlow`,
+    built here once): with J = d f^-1/d phi~ and F = -dS/dphi the target's force,
+
+        F~ = -dS~/dphi~ = J^T F(f^-1(phi~)) + d log|det J| / d phi~,
+
+    the chain rule written out layer by layer (no autograd).  ``action`` and ``to_physical``
+    use the same frozen inverse.  The frozen copy is rebuilt if a parameter is changed in
+    place or moved (tracked by its version counter and storage); call :meth:`refresh` after
+    changes that bypass those (e.g. writes through ``.data``).  A flow without ``frozen`` gets
+    the autograd force, :meth:`force_autograd`, which is also kept for tests.
     """
 
     def __init__(self, target, flow):
         self.target = target
         self.flow = flow
-        for p in flow.parameters():
+        self._params = list(flow.parameters())
+        for p in self._params:
             p.requires_grad_(False)
+        self._frozen, self._frozen_key = None, None
+        self.frozen_flow()
 
     def __repr__(self):
         return f"FlowedAction({self.target!r}, {type(self.flow).__name__})"
 
+    def refresh(self) -> None:
+        """Rebuild the frozen flow from the module's current weights."""
+        self._frozen_key = None
+        self.frozen_flow()
+
+    def frozen_flow(self):
+        """The flow's FrozenFlow for its current weights, or None (no ``frozen``: autograd)."""
+        make = getattr(self.flow, "frozen", None)
+        if make is None:
+            return None
+        key = tuple((p.data_ptr(), p._version) for p in self._params)
+        if key != self._frozen_key:
+            self._frozen, self._frozen_key = make(), key
+        return self._frozen
+
     def action(self, phi_t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            phi, logdet_inv = self.flow.inverse(phi_t)
+            frozen = self.frozen_flow()
+            inverse = self.flow.inverse if frozen is None else frozen.inverse
+            phi, logdet_inv = inverse(phi_t)
             return self.target.action(phi) - logdet_inv
 
     def force(self, phi_t: torch.Tensor) -> torch.Tensor:
+        frozen = self.frozen_flow()
+        if frozen is None:
+            return self.force_autograd(phi_t)
+        with torch.no_grad():
+            phi, _, pullback = frozen.inverse_with_pullback(phi_t, logdet=False)
+            return pullback(self.target.force(phi))
+
+    def force_autograd(self, phi_t: torch.Tensor) -> torch.Tensor:
+        """-dS~/dphi~ by autograd through ``flow.inverse`` (reference for the analytic force)."""
         with torch.enable_grad():
             x = phi_t.detach().requires_grad_(True)
             phi, logdet_inv = self.flow.inverse(x)
@@ -97,4 +136,5 @@ class FlowedAction:
     def to_physical(self, phi_t: torch.Tensor) -> torch.Tensor:
         """phi = f^-1(phi~), the field measurements are made on."""
         with torch.no_grad():
-            return self.flow.inverse(phi_t)[0]
+            frozen = self.frozen_flow()
+            return (self.flow.inverse if frozen is None else frozen.inverse)(phi_t)[0]
