@@ -161,6 +161,8 @@ def _derive(e, p, L, V, S, plateau_min):
         },
         "meff": {str(t): entry(m, tau=False) for t, m in meff.items()},
         "plateau": [tmin, L // 2 - 1],
+        "md": {"length": float(a["length"]), "steps": int(a["steps"]),
+               "integrator": str(a["integrator"])},
         "stage": str(a["stage"]), "file": str(e.path), "S": S,
     }
     if "flow_prior" in a:

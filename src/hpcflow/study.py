@@ -48,7 +48,8 @@ def collect(dirs) -> list[dict]:
                    "acceptance": js["acceptance"], "tau_int": o["tau_int"],
                    "tau_int_error": o["tau_int_error"], "chi": js["observables"]["chi"],
                    "absM": js["observables"]["absM"], "prior": None, "kernel_size": None,
-                   "layers": None, "hidden": None, "flow_acceptance": None}
+                   "layers": None, "hidden": None, "flow_acceptance": None,
+                   "steps": js.get("md", {}).get("steps")}
             if "flow" in js:
                 spec = js["flow"]["spec"]
                 row.update(prior=js["flow"]["prior"], kernel_size=spec["kernel_size"],
@@ -78,7 +79,7 @@ def label(r) -> str:
 
 
 def table(rows) -> str:
-    lines = [f"{'algorithm':38s} {'L':>3s} {'beta':>6s} {'R x N':>12s} {'acc':>6s} {'flow acc':>9s} "
+    lines = [f"{'algorithm':38s} {'L':>3s} {'beta':>6s} {'R x N':>12s} {'steps':>5s} {'acc':>6s} {'flow acc':>9s} "
              f"{'tau_int(M)':>16s} {'rel.err':>8s} {'tau_HMC/tau':>14s}"]
     for r in rows:
         tau = analysis._fmt(r["tau_int"], r["tau_int_error"])
@@ -88,7 +89,7 @@ def table(rows) -> str:
                  if "tau_hmc_over_tau" in r and r["algorithm"] != "hmc" else "-")
         lines.append(f"{label(r):38s} {r['L']:3d} {r['beta']:6.3f} "
                      f"{str(r['replicas']) + ' x ' + str(r['measurements']):>12s} "
-                     f"{r['acceptance']:6.3f} {fa:>9s} {tau:>16s} {rel:>8s} {ratio:>14s}")
+                     f"{str(r['steps'] or '-'):>5s} {r['acceptance']:6.3f} {fa:>9s} {tau:>16s} {rel:>8s} {ratio:>14s}")
     return "\n".join(lines)
 
 
