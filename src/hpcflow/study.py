@@ -22,6 +22,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from . import analysis
 
 
@@ -107,11 +109,18 @@ def acceptance_figure(dirs, png: Path) -> int:
         if not f.exists():
             continue
         js = json.loads(f.read_text())
-        m = js["history"]["metropolis"]
+        h = js["history"]
+        m = h["metropolis"]
         spec = js["spec"]
-        ax.plot([p["iteration"] for p in m], [p["acceptance"] for p in m], marker="o", ms=3,
-                label=f"{js['prior']}, k={spec['kernel_size']}, n={spec['layers']} ({d.name})")
+        line, = ax.plot([max(p["iteration"], 1) for p in m], [p["acceptance"] for p in m],
+                        marker="o", ms=3,
+                        label=f"{js['prior']}, k={spec['kernel_size']}, n={spec['layers']} ({d.name})")
+        if h["acceptance"]:  # per-iteration estimate on the training batch, running mean of 20
+            acc = np.convolve(h["acceptance"], np.ones(20) / 20, mode="valid")
+            ax.plot(h["iteration"][19:], acc, color=line.get_color(), alpha=0.3, lw=1)
         n += 1
+    ax.set_xscale("log")
+    ax.set_title("points: fresh proposals; faint: training-batch estimate (mean of 20)", fontsize=9)
     ax.set_xlabel("training iteration")
     ax.set_ylabel("flow Metropolis acceptance (fresh proposals)")
     ax.set_ylim(bottom=0)

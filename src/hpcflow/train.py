@@ -243,6 +243,10 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
         history["metropolis"].append({"iteration": it, **m})
         return m
 
+    if start == 0:
+        m = evaluate(0)  # the untrained flow, for the acceptance-against-iteration curve
+        if world.is_root:
+            log(f"[train] 0/{t.iterations} | Metropolis acc {m['acceptance']:.3f} ESS {m['ess']:.3f}")
     t0, t_last, rng = time.perf_counter(), 0.0, None
     for it in range(start, t.iterations):
         if rng is None or it % t.checkpoint_every == 0:
