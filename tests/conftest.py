@@ -40,6 +40,20 @@ def write_input(directory: Path, name="t", *, stages="hmc", L=4, beta=0.5, lam=0
     return path
 
 
+def randomised(module, seed=0, std=0.3):
+    """module with every parameter redrawn from a normal distribution, far from the identity.
+
+    Biases get standard deviation ``std``; conv weights std * 3 / sqrt(fan-in), i.e. ``std``
+    for one 3x3 input channel, so that s stays O(1) and exp(|s|) keeps rounding small.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            scale = std * 3 / p[0].numel() ** 0.5 if p.dim() > 1 else std
+            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
 @pytest.fixture
 def make_input(tmp_path):
     def make(**kw):

@@ -5,21 +5,8 @@ import json
 import pytest
 import torch
 
+from conftest import randomised
 from hpcflow.flow import AffineCoupling, Flow, IdentityFlow, checkerboard, translate
-
-
-def randomised(module, seed=0, std=0.3):
-    """module with every parameter redrawn from a normal distribution, far from the identity.
-
-    Biases get standard deviation ``std``; conv weights std * 3 / sqrt(fan-in), i.e. ``std``
-    for one 3x3 input channel, so that s stays O(1) and exp(|s|) keeps rounding small.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            scale = std * 3 / p[0].numel() ** 0.5 if p.dim() > 1 else std
-            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
 
 
 # (id, kernel size, builder L -> randomised module)

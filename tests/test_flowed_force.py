@@ -4,6 +4,7 @@ a reversible FHMC trajectory, for every flow architecture."""
 import pytest
 import torch
 
+from conftest import randomised
 from hpcflow.action import FlowedAction, Phi4Action
 from hpcflow.flow import (AffineCoupling, Flow, FrozenFlow, IdentityFlow, from_sublattices,
                           to_sublattices)
@@ -11,17 +12,6 @@ from hpcflow.hmc import INTEGRATORS
 
 TARGET = Phi4Action(0.576, 0.5)
 METHODS = ("sparse", "fft")
-
-
-def randomised(module, seed=0, std=0.3):
-    """module with every parameter redrawn, far from the identity: conv weights normal with
-    standard deviation std * 3 / sqrt(fan-in), biases std."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            scale = std * 3 / p[0].numel() ** 0.5 if p.dim() > 1 else std
-            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
 
 
 def fields(L, batch=3, seed=11, scale=0.5):
