@@ -115,12 +115,14 @@ def acceptance_figure(dirs, png: Path) -> int:
         line, = ax.plot([max(p["iteration"], 1) for p in m], [p["acceptance"] for p in m],
                         marker="o", ms=3,
                         label=f"{js['prior']}, k={spec['kernel_size']}, n={spec['layers']} ({d.name})")
-        if h["acceptance"]:  # per-iteration estimate on the training batch, running mean of 20
-            acc = np.convolve(h["acceptance"], np.ones(20) / 20, mode="valid")
-            ax.plot(h["iteration"][19:], acc, color=line.get_color(), alpha=0.3, lw=1)
+        window = min(20, len(h["acceptance"]))
+        if window:  # per-iteration estimate on the training batch, running mean
+            acc = np.convolve(h["acceptance"], np.ones(window) / window, mode="valid")
+            ax.plot(h["iteration"][window - 1:], acc, color=line.get_color(), alpha=0.3, lw=1)
         n += 1
     ax.set_xscale("log")
-    ax.set_title("points: fresh proposals; faint: training-batch estimate (mean of 20)", fontsize=9)
+    ax.set_title("points: fresh proposals; faint: training-batch estimate (running mean of 20)",
+                 fontsize=9)
     ax.set_xlabel("training iteration")
     ax.set_ylabel("flow Metropolis acceptance (fresh proposals)")
     ax.set_ylim(bottom=0)
