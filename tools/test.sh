@@ -9,4 +9,4 @@ echo "== serial tests"
 python -m pytest tests "$@"
 echo "== MPI tests, 2 ranks"
 # python -m mpi4py: an exception on one rank aborts all ranks instead of hanging.
-"${MPIRUN[@]}" 2 python -m mpi4py -m pytest --with-mpi --only-mpi -p no:cacheprovider tests "$@"
+"${MPIRUN[@]}" 2 python -m mpi4py -m pytest --with-mpi -m mpi -p no:cacheprovider tests "$@"
