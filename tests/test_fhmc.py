@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import randomised
 from hpcflow import run
 from hpcflow.action import FlowedAction, Phi4Action
 from hpcflow.flow import Flow, IdentityFlow
@@ -16,12 +17,7 @@ TARGET = Phi4Action(0.576, 0.5)
 
 
 def random_flow(L=4, seed=0, **kw):
-    flow = Flow(L, **kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return flow
+    return randomised(Flow(L, **kw), seed)
 
 
 def test_flowed_action_definition():
