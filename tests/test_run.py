@@ -169,3 +169,29 @@ def test_analysis_compare_shows_other_runs(tmp_path, capsys):
     assert "does not exist (yet)" in out
     saved = json.loads((b / "out" / "analysis.json").read_text())
     assert saved["file"] == str(b / "out" / "hmc.h5")  # the JSON holds this run's ensembles only
+
+
+def test_analysis_is_cached_until_the_ensemble_changes(make_input, tmp_path, capsys):
+    import os
+
+    path = make_input(stages="hmc", trajectories=60)
+    assert run.main([str(path)]) == 0
+    capsys.readouterr()
+    h5 = tmp_path / "out" / "hmc.h5"
+    assert analysis.main([str(h5), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    cache = analysis.cache_path(h5)
+    stored = json.loads(cache.read_text())
+    assert stored["json"] == first and stored["S"] == 2.0
+    stored["json"]["acceptance"] = -1.0  # a sentinel: only the cache can produce it
+    cache.write_text(json.dumps(stored))
+    assert analysis.main([str(h5), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["acceptance"] == -1.0
+    assert analysis.main([str(h5), "--json", "--S", "1.5"]) == 0  # other settings: recomputed
+    assert json.loads(capsys.readouterr().out)["acceptance"] == first["acceptance"]
+    later = cache.stat().st_mtime_ns + 10**9
+    os.utime(h5, ns=(later, later))  # the ensemble changed after the cache
+    cache.write_text(json.dumps(stored))
+    os.utime(cache, ns=(later - 10**8, later - 10**8))
+    assert analysis.main([str(h5), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["acceptance"] == first["acceptance"]

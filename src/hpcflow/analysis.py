@@ -232,14 +232,42 @@ def find_ensembles(target) -> list[Path]:
     return [target]
 
 
+def cache_path(path: Path) -> Path:
+    """``<stage>.analysis.json`` beside an ensemble: its analysis, reused while newer."""
+    return path.with_name(path.stem + ".analysis.json")
+
+
+def _cached(path: Path, S: float, plateau_min: int) -> dict | None:
+    c = cache_path(path)
+    if not c.exists() or c.stat().st_mtime_ns < path.stat().st_mtime_ns:
+        return None
+    try:
+        cached = json.loads(c.read_text())
+    except (OSError, ValueError):
+        return None
+    if cached.get("S") != S or cached.get("plateau_min") != plateau_min:
+        return None
+    return {"json": cached["json"]}
+
+
 def run(target, S: float = 2.0, plateau_min: int = 0, write: bool = True) -> list[dict]:
-    """Analyse every ensemble in ``target`` (a file or a run directory)."""
+    """Analyse every ensemble in ``target`` (a file or a run directory).
+
+    An analysis is cached beside its ensemble (:func:`cache_path`) and reused while the
+    ensemble file has not changed since; ``write`` = False neither writes the cache nor
+    the pyerrors Obs file.  Cached results carry the JSON only, not the Obs."""
     results = []
     for path in find_ensembles(target):
+        cached = _cached(Path(path), S, plateau_min)
+        if cached is not None:
+            results.append(cached)
+            continue
         e = load(path)
         r = analyse(e, S=S, plateau_min=plateau_min)
         if write:
             r["json"]["obs_file"] = str(write_obs(r, e))
+            cache_path(e.path).write_text(json.dumps(
+                {"S": S, "plateau_min": plateau_min, "json": r["json"]}) + "\n")
         results.append(r)
     return results
 

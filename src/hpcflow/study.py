@@ -2,8 +2,8 @@
 
     python -m hpcflow.study RUN_DIR [RUN_DIR ...] [--png acceptance.png] [--json study.json]
 
-For every ensemble found (``hmc.h5``, ``fhmc.h5`` in each directory; the analysis JSON is
-read from ``analysis.json`` when it is newer than the ensemble, recomputed otherwise), one
+For every ensemble found (``hmc.h5``, ``fhmc.h5`` in each directory; an analysis cached
+beside the ensemble by the analysis stage is reused while the ensemble is unchanged), one
 row: algorithm, prior and flow architecture (kernel size, layers, hidden), statistics,
 flow Metropolis acceptance, tau_int(M) with its error (Gamma method, replicas combined,
 in trajectories), and tau_int(M) of HMC over that of the row at the same (L, beta), with
@@ -28,12 +28,7 @@ from . import analysis
 
 
 def _analysis_json(directory: Path) -> list[dict]:
-    cached = directory / "analysis.json"
-    ensembles = analysis.find_ensembles(directory)
-    if cached.exists() and ensembles and all(cached.stat().st_mtime >= e.stat().st_mtime
-                                             for e in ensembles):
-        js = json.loads(cached.read_text())
-        return js if isinstance(js, list) else [js]
+    """The analysis JSON of every ensemble in ``directory`` (cached analyses are reused)."""
     return [r["json"] for r in analysis.run(directory, write=False)]
 
 
