@@ -34,7 +34,6 @@ import math
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from .action import Phi4Action
 from .config import HMCConfig, TheoryConfig

@@ -384,7 +384,7 @@ class _FFTCoupling:
                 # + 0.0 turns a bias of -0.0 into +0.0, so s is never -0.0 and copysign(1, s)
                 # equals the module's sign convention (s < 0 ? -1 : +1) exactly.
                 self.bias.append((bias + 0.0)[:, :, None, None])            # [2, Co, 1, 1]
-                c_out, c_in = G.shape[1], G.shape[2]
+                c_out = G.shape[1]
                 if l == 0:                      # input: the single channel y_A, shared by s and t
                     kind = "first"
                     G, Gadj = G[:, :, 0], Gadj[:, :, 0]                     # [2, Co, L, L/4+1]

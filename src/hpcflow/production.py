@@ -12,7 +12,6 @@ inverse flow for FHMC).
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,7 +41,6 @@ class ChainSpec:
 def log(world: World, msg: str):
     if world.is_root:
         print(msg, flush=True)
-        sys.stdout.flush()
 
 
 def _fmt_time(s: float) -> str:
