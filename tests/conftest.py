@@ -43,8 +43,9 @@ def write_input(directory: Path, name="t", *, stages="hmc", L=4, beta=0.5, lam=0
 def randomised(module, seed=0, std=0.3):
     """module with every parameter redrawn from a normal distribution, far from the identity.
 
-    Biases get standard deviation ``std``; conv weights std * 3 / sqrt(fan-in), i.e. ``std``
-    for one 3x3 input channel, so that s stays O(1) and exp(|s|) keeps rounding small.
+    Conv weights get standard deviation std * 3 / sqrt(fan-in), i.e. ``std`` for one 3x3
+    input channel (s and t are then O(1) before their tanh); scalars (the global log scale)
+    get ``std``.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 from conftest import randomised
 from hpcflow import run
 from hpcflow.action import FlowedAction, Phi4Action
-from hpcflow.flow import Flow, IdentityFlow
+from hpcflow.flows import Flow, IdentityFlow
 from hpcflow.hmc import INTEGRATORS, hmc_step, init_state
 from hpcflow.parallel import ReplicaStreams
 
@@ -23,13 +23,13 @@ def random_flow(L=4, seed=0, **kw):
 def test_flowed_action_definition():
     flow = random_flow()
     act = FlowedAction(TARGET, flow)
-    phi_t = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(1))
-    phi, logdet_inv = flow.inverse(phi_t)
-    torch.testing.assert_close(act.action(phi_t), TARGET.action(phi) - logdet_inv)
+    z = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(1))
+    phi, logdet_g = flow.inverse(z)
+    torch.testing.assert_close(act.action(z), TARGET.action(phi) - logdet_g)
     # S~(f(phi)) = S(phi) + log|det df/dphi|
-    phi_back, logdet_f = flow.forward(phi)
-    torch.testing.assert_close(act.action(phi_back), TARGET.action(phi) + logdet_f)
-    torch.testing.assert_close(act.to_physical(phi_t), phi)
+    z_back, logdet_f = flow.forward(phi)
+    torch.testing.assert_close(act.action(z_back), TARGET.action(phi) + logdet_f)
+    torch.testing.assert_close(act.to_physical(z), phi)
 
 
 def test_flowed_force_is_minus_gradient_by_finite_differences():

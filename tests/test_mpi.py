@@ -66,12 +66,17 @@ def test_mpio_and_gather_write_the_same_file(mpi_tmp_path):
         assert a.keys() == b.keys()
         for name in a:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        for d in (d_mpio, d_gather):  # the cost record: rank 0's clock, both ranks counted
+            c, _ = read_all(d / "out" / "hmc.h5", cost=True)
+            assert (c["cost/ranks"][0], c["cost/segments"][0]) == (2, 1)
+            assert c["cost/rank_seconds"][0] == 2 * c["cost/seconds"][0] > 0
+            assert c["cost/device"][0].startswith(b"cpu")
     comm.Barrier()
 
 
-@pytest.mark.mpi(min_size=2)
-def test_resume_under_mpi(mpi_tmp_path):
-    """A 2-rank run interrupted after a checkpoint resumes to the uninterrupted result."""
+def run_full_and_interrupted(mpi_tmp_path):
+    """Two identical 2-rank inputs: "full" run to the end, "cut" stopped on every rank
+    right after its second checkpoint (a KeyboardInterrupt, as at a signal)."""
     from hpcflow import production, run
 
     comm, (full, cut) = mpi_dirs(mpi_tmp_path, "full", "cut")
@@ -81,7 +86,6 @@ def test_resume_under_mpi(mpi_tmp_path):
         write_input(cut, **kw)
     comm.Barrier()
     assert run.main([str(full / "t.ini")]) == 0
-
     real = production._flush
     calls = {"n": 0}
 
@@ -98,6 +102,15 @@ def test_resume_under_mpi(mpi_tmp_path):
     finally:
         production._flush = real
     comm.Barrier()
+    return comm, full, cut
+
+
+@pytest.mark.mpi(min_size=2)
+def test_resume_under_mpi(mpi_tmp_path):
+    """A 2-rank run interrupted after a checkpoint resumes to the uninterrupted result."""
+    from hpcflow import run
+
+    comm, full, cut = run_full_and_interrupted(mpi_tmp_path)
     assert run.main([str(cut / "t.ini")]) == 0
     if comm.Get_rank() == 0:
         a, _ = read_all(full / "out" / "hmc.h5")
@@ -136,3 +149,29 @@ def test_data_parallel_training_keeps_identical_weights(mpi_tmp_path):
     assert mine.abs().sum() > 0  # trained away from the zero-initialised identity
     assert len(payload["history"]["loss"]) == 25
     del MPI
+
+
+@pytest.mark.mpi(min_size=2)
+def test_resume_of_a_file_without_cost_under_mpi(mpi_tmp_path):
+    """A file from before /cost and /observables/Mz existed, resumed by 2 ranks (mpio where
+    h5py has it): the datasets are created collectively and the chains are unchanged."""
+    import h5py
+
+    from hpcflow import run
+
+    comm, full, cut = run_full_and_interrupted(mpi_tmp_path)
+    if comm.Get_rank() == 0:
+        with h5py.File(cut / "out" / "hmc.h5", "r+") as f:
+            del f["cost"], f["observables/Mz"]
+    comm.Barrier()
+    assert run.main([str(cut / "t.ini")]) == 0
+    if comm.Get_rank() == 0:
+        a, _ = read_all(full / "out" / "hmc.h5")
+        b, _ = read_all(cut / "out" / "hmc.h5", cost=True)
+        for name in a:
+            if name != "observables/Mz":
+                np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        np.testing.assert_array_equal(b["observables/Mz"][:, 10:], a["observables/Mz"][:, 10:])
+        assert np.isnan(b["observables/Mz"][:, :10]).all()
+        assert (b["cost/first_trajectory"][0], b["cost/ranks"][0], b["cost/segments"][0]) == (12, 2, 1)
+    comm.Barrier()

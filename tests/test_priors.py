@@ -19,11 +19,11 @@ def pool(n, L, seed=0):
 
 
 def test_gaussian_prior_density():
-    prior = GaussianPrior(4, sigma=0.5)
-    phi, log_r = prior.sample(20000, np.random.default_rng(1), "cpu")
-    assert phi.std().item() == pytest.approx(0.5, rel=0.01)
-    x = phi[0].numpy()
-    expect = (-0.5 * (x**2).sum() / 0.25 - 8 * np.log(2 * np.pi * 0.25))
+    prior = GaussianPrior(4)
+    z, log_r = prior.sample(20000, np.random.default_rng(1), "cpu")
+    assert z.std().item() == pytest.approx(1.0, rel=0.01)
+    x = z[0].numpy()
+    expect = -0.5 * (x**2).sum() - 8 * np.log(2 * np.pi)
     assert log_r[0].item() == pytest.approx(expect, rel=1e-12)
 
 
@@ -109,7 +109,6 @@ thermalization = 50
 
 [flow]
 prior = {prior}
-prior_width = 0.5
 
 [train]
 iterations = 10

@@ -10,11 +10,14 @@ from hpcflow import analysis, run
 from hpcflow.store import measured
 
 
-def read_all(path):
+def read_all(path, cost=False):
+    """Every dataset and the attributes; without ``cost``, the /cost group (wall time, ranks,
+    segments: not part of the chains, which the comparisons are about) is left out."""
     with h5py.File(path, "r") as f:
         data = {}
         f.visititems(lambda name, obj: data.__setitem__(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
+                     if isinstance(obj, h5py.Dataset) and (cost or not name.startswith("cost/"))
+                     else None)
         return data, dict(f.attrs)
 
 
@@ -30,6 +33,13 @@ def test_layout_and_attributes(make_input, tmp_path):
     assert set(np.unique(data["mc/accepted"])) <= {0, 1}
     assert data["checkpoint/trajectory"][0] == 25
     assert attrs["input"] == path.read_text()
+    # HMC's chain variable is the field itself: Mz is M, bit for bit
+    np.testing.assert_array_equal(data["observables/Mz"], data["observables/M"])
+    cost, _ = read_all(tmp_path / "out" / "hmc.h5", cost=True)
+    assert cost["cost/seconds"][0] > 0 and cost["cost/rank_seconds"][0] == cost["cost/seconds"][0]
+    assert (cost["cost/ranks"][0], cost["cost/segments"][0],
+            cost["cost/first_trajectory"][0]) == (1, 1, 0)
+    assert cost["cost/device"][0].decode().startswith("cpu")
     for k, v in {"stage": "hmc", "algorithm": "hmc", "L": 4, "beta": 0.5, "lambda": 0.5,
                  "seed": 7, "replicas": 3}.items():
         assert attrs[k] == v
@@ -66,11 +76,16 @@ def test_interrupted_run_resumes_to_the_same_chain(make_input, tmp_path, monkeyp
     with h5py.File(tmp_path / "out" / "hmc.h5", "r") as f:
         assert f["checkpoint/trajectory"][0] == 20 and measured(f) == 15
         assert np.isnan(f["observables/M"][:, 15:]).all()
+    with h5py.File(tmp_path / "out" / "hmc.h5", "r") as f:
+        seconds_cut = f["cost/seconds"][0]
+        assert seconds_cut > 0 and f["cost/segments"][0] == 1
     monkeypatch.setattr(production, "_flush", real_flush)
     assert run.main([str(path)]) == 0
     resumed, _ = read_all(tmp_path / "out" / "hmc.h5")
     for name, arr in reference.items():
         np.testing.assert_array_equal(resumed[name], arr, err_msg=name)
+    with h5py.File(tmp_path / "out" / "hmc.h5", "r") as f:  # the resumed run adds its time
+        assert f["cost/segments"][0] == 2 and f["cost/seconds"][0] > seconds_cut
 
 
 def test_complete_stage_is_skipped_and_other_input_refused(make_input, tmp_path, capsys):
@@ -182,7 +197,15 @@ def test_analysis_is_cached_until_the_ensemble_changes(make_input, tmp_path, cap
     first = json.loads(capsys.readouterr().out)
     cache = analysis.cache_path(h5)
     stored = json.loads(cache.read_text())
-    assert stored["json"] == first and stored["S"] == 2.0
+    assert stored["json"] == first and stored["S"] == 2.0 and stored["schema"] == analysis.SCHEMA
+    old_schema = dict(stored, schema=analysis.SCHEMA - 1, json=dict(first, acceptance=-1.0))
+    cache.write_text(json.dumps(old_schema))  # written by an older analysis: never reused
+    assert analysis.main([str(h5), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["acceptance"] == first["acceptance"]
+    del old_schema["schema"]  # ... nor one from before the schema existed
+    cache.write_text(json.dumps(old_schema))
+    assert analysis.main([str(h5), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["acceptance"] == first["acceptance"]
     stored["json"]["acceptance"] = -1.0  # a sentinel: only the cache can produce it
     cache.write_text(json.dumps(stored))
     assert analysis.main([str(h5), "--json"]) == 0

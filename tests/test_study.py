@@ -24,16 +24,34 @@ def runs(tmp_path_factory):
 
 def test_table_rows_and_ratio(runs, capsys, tmp_path):
     assert study.main([str(runs / "k3"), str(runs / "k5"), "--json", str(tmp_path / "s.json"),
-                       "--png", str(tmp_path / "acc.png")]) == 0
+                       "--csv", str(tmp_path / "s.csv"), "--png", str(tmp_path / "acc.png")]) == 0
     out = capsys.readouterr().out
     assert "FHMC gaussian k=3 n=1" in out and "FHMC gaussian k=5 n=1" in out and "HMC" in out
     rows = json.loads((tmp_path / "s.json").read_text())
     assert [r["algorithm"] for r in rows] == ["hmc", "fhmc", "hmc", "fhmc"]
-    for r in rows:
-        assert r["tau_int"] > 0 and r["tau_int_error"] > 0
-    f3 = rows[1]
+    for r in rows:  # the row schema of DESIGN.md section 4
+        assert set(r) >= {"L", "beta", "xi", "algorithm", "prior", "kernel_size", "length",
+                          "steps", "acceptance", "tau_int", "ratio", "c_M", "cost", "input"}
+        assert r["tau_int"]["value"] > 0 and r["tau_int"]["error"] > 0
+        assert r["length"] == 1.0 and r["steps"] == 8 and "[fhmc]" in r["input"]
+        c = r["cost"]
+        assert c["forces_per_trajectory"] == 9 and c["ranks"] == 1 and c["wall_seconds"] > 0
+        assert c["cost_hmc_forces"] == pytest.approx(r["tau_int"]["value"] * 9 * c["force_cost"])
+        assert c["seconds_per_independent_sample"] == pytest.approx(
+            2 * r["tau_int"]["value"] * c["seconds_per_trajectory_per_replica"])
+    hmc, f3 = rows[0], rows[1]
     assert f3["kernel_size"] == 3 and f3["prior"] == "gaussian"
-    assert f3["tau_hmc_over_tau"] == pytest.approx(rows[0]["tau_int"] / f3["tau_int"])
+    assert hmc["ratio"] == {"value": 1.0, "error": 0.0} and hmc["c_M"]["value"] == 1.0
+    assert hmc["cost"]["force_cost"] == 1.0 and hmc["cost"]["train_seconds"] is None
+    assert f3["ratio"]["value"] == pytest.approx(hmc["tau_int"]["value"] / f3["tau_int"]["value"])
+    assert f3["ratio"]["error"] > 0
+    for f in (rows[1], rows[3]):  # a flow, even an untrained one, rescales M_z
+        assert f["c_M"]["error"] > 0 and abs(f["c_M"]["value"] - 1) > 3 * f["c_M"]["error"]
+        assert f["cost"]["force_cost"] > 0  # measured (its size is the bench's business)
+        assert f["cost"]["force_cost_bench"]["batch"] == 2  # replicas per rank
+        assert f["cost"]["train_seconds"] is None or f["cost"]["train_seconds"] > 0
+    csv_head = (tmp_path / "s.csv").read_text().splitlines()[0].split(",")
+    assert "tau_int_value" in csv_head and "cost_force_cost" in csv_head
     png = (tmp_path / "acc.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "for 2 flow(s)" in out
@@ -41,3 +59,9 @@ def test_table_rows_and_ratio(runs, capsys, tmp_path):
 
 def test_no_runs_is_an_error(tmp_path):
     assert study.main([str(tmp_path)]) == 2
+
+
+def test_no_bench_skips_the_force_cost(runs, capsys):
+    rows = study.collect([runs / "k3"], bench=False)
+    assert [r["cost"]["force_cost"] for r in rows] == [1.0, None]
+    assert rows[1]["cost"]["cost_hmc_forces"] is None

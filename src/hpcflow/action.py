@@ -18,6 +18,7 @@ with the hopping term over forward links only, and its analytic force
 
 from __future__ import annotations
 
+import copy
 from typing import Protocol
 
 import torch
@@ -60,81 +61,65 @@ class Phi4Action:
 
 
 class FlowedAction:
-    """The action of the trivialized variables phi~ = f(phi) (Luscher's trivializing map):
+    """The action of the flow's latent variables z (Luscher's trivializing map):
 
-        S~(phi~) = S(f^-1(phi~)) - log|det d f^-1 / d phi~|
-                 = S(phi) + log|det df/dphi|          at phi = f^-1(phi~).
+        S~(z) = S(g(z)) - log|det dg/dz|,        g = f^-1 the generator.
 
-    exp(-S~) is the density of phi~ when phi ~ exp(-S), so HMC on S~ followed by the map
-    phi = f^-1(phi~) samples the target exactly for any invertible f; the flow only changes
-    autocorrelations (PHYSICS.md section 5).  ``flow`` is any module with ``inverse(phi~) ->
-    (phi, log|det d f^-1/d phi~|)``; its parameters are frozen here.
+    exp(-S~) is the density of z = f(phi) when phi ~ exp(-S), so HMC on S~ followed by the
+    map phi = g(z) samples the target exactly for any invertible g; the flow only changes
+    autocorrelations (PHYSICS.md section 5).  ``flow`` is any module with
+    ``inverse(z) -> (phi, log|det dg/dz|)``.
 
-    The force is analytic when the flow has ``frozen()`` (:class:`hpcflow.flow.FrozenFlow`,
-    built here once): with J = d f^-1/d phi~ and F = -dS/dphi the target's force,
+    The action takes its own snapshot of the flow when it is built: a frozen evaluator
+    (``flow.frozen()``, :class:`hpcflow.flows.FrozenFlow`) and a detached copy of the module
+    for :meth:`force_autograd`.  Later changes of the caller's flow do not reach it, and the
+    caller's flow is not modified (its parameters keep ``requires_grad``).  With
+    J = dg/dz and F = -dS/dphi the target's force,
 
-        F~ = -dS~/dphi~ = J^T F(f^-1(phi~)) + d log|det J| / d phi~,
+        F~ = -dS~/dz = J^T F(g(z)) + d log|det J| / dz,
 
-    the chain rule written out layer by layer (no autograd).  ``action`` and ``to_physical``
-    use the same frozen inverse.  The frozen copy is rebuilt if a parameter is changed in
-    place or moved (tracked by its version counter and storage); call :meth:`refresh` after
-    changes that bypass those (e.g. writes through ``.data``).  A flow without ``frozen`` gets
-    the autograd force, :meth:`force_autograd`, which is also kept for tests.
+    the chain rule written out layer by layer (no autograd).  A flow without ``frozen``
+    gets the autograd force, :meth:`force_autograd`, which is also kept for tests.
     """
 
     def __init__(self, target, flow):
         self.target = target
-        self.flow = flow
-        self._params = list(flow.parameters())
-        for p in self._params:
+        self.flow = copy.deepcopy(flow)
+        for p in self.flow.parameters():
             p.requires_grad_(False)
-        self._frozen, self._frozen_key = None, None
-        self.frozen_flow()
+        make = getattr(flow, "frozen", None)
+        with torch.no_grad():
+            self.frozen = make() if make is not None else None
 
     def __repr__(self):
         return f"FlowedAction({self.target!r}, {type(self.flow).__name__})"
 
-    def refresh(self) -> None:
-        """Rebuild the frozen flow from the module's current weights."""
-        self._frozen_key = None
-        self.frozen_flow()
+    def _generate(self, z):
+        return (self.flow.inverse if self.frozen is None else self.frozen.inverse)(z)
 
-    def frozen_flow(self):
-        """The flow's FrozenFlow for its current weights, or None (no ``frozen``: autograd)."""
-        make = getattr(self.flow, "frozen", None)
-        if make is None:
-            return None
-        key = tuple((p.data_ptr(), p._version) for p in self._params)
-        if key != self._frozen_key:
-            self._frozen, self._frozen_key = make(), key
-        return self._frozen
-
-    def action(self, phi_t: torch.Tensor) -> torch.Tensor:
+    def action(self, z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            frozen = self.frozen_flow()
-            inverse = self.flow.inverse if frozen is None else frozen.inverse
-            phi, logdet_inv = inverse(phi_t)
-            return self.target.action(phi) - logdet_inv
+            phi, logdet = self._generate(z)
+            return self.target.action(phi) - logdet
 
-    def force(self, phi_t: torch.Tensor) -> torch.Tensor:
-        frozen = self.frozen_flow()
-        if frozen is None:
-            return self.force_autograd(phi_t)
+    def force(self, z: torch.Tensor) -> torch.Tensor:
+        if self.frozen is None:
+            return self.force_autograd(z)
         with torch.no_grad():
-            phi, _, pullback = frozen.inverse_with_pullback(phi_t, logdet=False)
+            phi, _, pullback = self.frozen.inverse_with_pullback(z, logdet=False)
             return pullback(self.target.force(phi))
 
-    def force_autograd(self, phi_t: torch.Tensor) -> torch.Tensor:
-        """-dS~/dphi~ by autograd through ``flow.inverse`` (reference for the analytic force)."""
+    def force_autograd(self, z: torch.Tensor) -> torch.Tensor:
+        """-dS~/dz by autograd through the module's ``inverse`` (reference for the analytic
+        force)."""
         with torch.enable_grad():
-            x = phi_t.detach().requires_grad_(True)
-            phi, logdet_inv = self.flow.inverse(x)
-            S = self.target.action(phi) - logdet_inv
+            x = z.detach().requires_grad_(True)
+            phi, logdet = self.flow.inverse(x)
+            S = self.target.action(phi) - logdet
             (grad,) = torch.autograd.grad(S.sum(), x)
         return -grad
 
-    def to_physical(self, phi_t: torch.Tensor) -> torch.Tensor:
-        """phi = f^-1(phi~), the field measurements are made on."""
+    def to_physical(self, z: torch.Tensor) -> torch.Tensor:
+        """phi = g(z), the field measurements are made on."""
         with torch.no_grad():
-            frozen = self.frozen_flow()
-            return (self.flow.inverse if frozen is None else frozen.inverse)(phi_t)[0]
+            return self._generate(z)[0]

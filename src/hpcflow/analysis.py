@@ -9,6 +9,12 @@ chains into one estimate of every mean, error and integrated autocorrelation tim
 tau_int = 1/2 + sum_{t=1}^{W} rho(t) is in units of trajectories (one measurement per
 trajectory).
 
+Every Obs is built by :func:`to_obs`, which takes the fluctuations of every replica about
+the *overall* mean of all replicas, as Wolff's UWerr does (PHYSICS.md section 7).  A plain
+``pyerrors.Obs(samples, names)`` takes them about each replica's own mean, which biases
+Gamma(t), tau_int and the error low by O(tau_int / n) for replicas of n measurements.
+(pyerrors' JSON reader does the same to the Obs written here: see :func:`recentre`.)
+
 Observables (PHYSICS.md section 2), V = L^2:
 
 - M, |M|, M^2 (primary: tau_int quoted), chi = V <M^2>;
@@ -17,11 +23,24 @@ Observables (PHYSICS.md section 2), V = L^2:
 - xi = 1/m, m the weighted mean over the plateau t_min <= t < L/2 of the effective mass
   m_eff(t) = arccosh[(C(t-1) + C(t+1)) / (2 C(t))] of the connected correlator
   C(t) - L <M>^2 (exact for a single cosh on the periodic lattice); the weights 1/dm_eff^2
-  are fixed numbers, so the error propagates exactly.
+  are fixed numbers, so the error propagates exactly;
+- c_M = std(M_z) / std(M) = sqrt((<M_z^2> - <M_z>^2) / (<M^2> - <M>^2)), the slow-mode
+  scale of a flow (PHYSICS.md section 5.1), M_z the lattice mean of the chain variable z
+  (``/observables/Mz``; M_z = M for HMC, so c_M = 1 exactly); None for files without Mz.
+
+Cost (``"cost"``, from the ensemble's ``/cost`` datasets, :mod:`hpcflow.store`): wall
+seconds of the production (all segments), ranks and device of the latest segment,
+trajectories per replica (thermalization included), seconds per trajectory per replica =
+rank-seconds / (trajectories x replicas) (= wall seconds x ranks / (trajectories x
+replicas) when every segment ran on the same number of ranks; only the trajectories the
+timing covers count, see ``/cost/first_trajectory``), and force evaluations per
+trajectory n_steps x forces_per_step + 1 (:class:`hpcflow.hmc.Integrator`, merged kicks).
+None for files without the cost datasets.
 
 Output: a table, or with ``--json`` the JSON of DESIGN.md section 4 (one object per
-ensemble; a list when a directory holds several).  Alongside each ensemble the primary
-Obs are written as a pyerrors JSON file ``<stage>.obs.json.gz`` for users' own scripts
+ensemble; a list when a directory holds several), which also carries ``"c_M"``,
+``"cost"``, the ensemble's ``"input"`` text and ``"hpcflow_version"``.  Alongside each
+ensemble the primary Obs are written as a pyerrors JSON file ``<stage>.obs.json.gz`` for users' own scripts
 (``pyerrors.input.json.load_json``).
 """
 
@@ -39,6 +58,12 @@ import numpy as np
 
 ENSEMBLE_FILES = ("hmc.h5", "fhmc.h5")
 
+#: Version of the analysis output.  It is part of the cache key (:func:`cache_path`), so a
+#: cached analysis written by code whose results differ is never reused.  History:
+#: 1 (unversioned): per-replica means in the Gamma method (biased low);
+#: 2: overall mean (:func:`to_obs`), c_M, cost, input text.
+SCHEMA = 2
+
 
 @dataclass
 class Ensemble:
@@ -51,6 +76,8 @@ class Ensemble:
     Gp: np.ndarray
     dH: np.ndarray
     accepted: np.ndarray
+    Mz: np.ndarray | None = None  # magnetization of the chain variable (None: not stored)
+    cost: dict | None = None      # raw /cost datasets and the trajectory counter (None: absent)
 
     @property
     def name(self) -> str:
@@ -62,33 +89,116 @@ class Ensemble:
 
 
 def load(path) -> Ensemble:
-    from .store import measured
+    """Read the measured rows of an ensemble file (older files without ``/observables/Mz``
+    or ``/cost`` load with ``Mz`` or ``cost`` None; so does an Mz with unmeasured (NaN)
+    rows, as left by a run begun before Mz was stored and resumed after)."""
+    from .store import measured, read_cost
 
     path = Path(path)
     with h5py.File(path, "r") as f:
         n = measured(f)
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        Mz = f["observables/Mz"][:, :n] if "observables/Mz" in f else None
+        if Mz is not None and not np.isfinite(Mz).all():
+            Mz = None
         return Ensemble(path, attrs, f["observables/M"][:, :n], f["observables/C"][:, :n],
                         f["observables/Gp"][:, :n], f["mc/dH"][:, :n],
-                        f["mc/accepted"][:, :n].astype(bool))
+                        f["mc/accepted"][:, :n].astype(bool), Mz, read_cost(f))
 
 
-def _obs(data: np.ndarray, ens: str):
-    """One pyerrors Obs from per-replica series data [R, n]."""
+def to_obs(data, ens_name: str):
+    """One pyerrors Obs of the ensemble ``ens_name`` from per-replica series ``data`` [R, n].
+
+    Replica r is ``"<ens_name>|r<r:03d>"``.  The fluctuations of every replica are taken
+    about the overall mean m = (1/(R n)) sum_{r,i} x_{r,i}, as in Wolff's UWerr
+    (U. Wolff, Comput. Phys. Commun. 156 (2004) 143, section 3.3; PHYSICS.md section 7):
+
+        Gamma(t) = sum_r sum_{i=1}^{n-t} (x_{r,i} - m)(x_{r,i+t} - m) / (R (n - t)),
+
+    built as ``pe.Obs([x_r - m for r], names, means=[m] * R)``, so that every replica's
+    value is m (derived observables are evaluated at the overall means, never at one short
+    replica's).  ``pe.Obs([x_r for r], names)`` would subtract each replica's own mean,
+    which biases Gamma(t) by about -2 tau_int Gamma(0) / n at every t, and tau_int and the
+    error low with it, when the replicas are short.  Use this for every tau_int."""
     import pyerrors as pe
 
-    names = [f"{ens}|r{r:03d}" for r in range(data.shape[0])]
-    return pe.Obs([np.asarray(row, dtype=float) for row in data], names)
+    data = np.asarray(data, dtype=float)
+    if data.ndim != 2 or data.shape[1] < 1:
+        raise ValueError(f"to_obs wants data [replicas, measurements], got shape {data.shape}")
+    R = data.shape[0]
+    m = float(data.mean())
+    names = [f"{ens_name}|r{r:03d}" for r in range(R)]
+    o = pe.Obs([row - m for row in data], names, means=[m] * R)
+    # With ``means`` Obs.__init__ leaves the value unset (0); pyerrors' own constructors
+    # that pass means (derived_observable, import_jackknife, the JSON reader) set it so.
+    o._value = m
+    return o
+
+
+def recentre(o):
+    """``o`` with every replica's fluctuations taken about the overall value again.
+
+    pyerrors' JSON reader (``pe.input.json.load_json``) re-centres each replica's deltas on
+    that replica's own mean (r_value_r = value + mean_r(deltas)), which turns an Obs of
+    :func:`to_obs` into the plain, biased one; this undoes it exactly:
+    deltas_r -> deltas_r + (r_value_r - value), r_value_r -> value.  Apply it to the Obs of
+    ``<stage>.obs.json.gz`` before a Gamma method.  (Obs with covobs are not handled.)"""
+    import pyerrors as pe
+
+    names = [n for n in o.names if n in o.deltas]
+    v = o.value
+    new = pe.Obs([o.deltas[n] + (o.r_values[n] - v) for n in names], names,
+                 idl=[o.idl[n] for n in names], means=[v] * len(names))
+    new._value = v
+    return new
 
 
 def primary_obs(e: Ensemble) -> dict:
-    """The per-trajectory Obs: M, absM, M2, Gp, C(t) for t = 0..L/2, exp(-dH)."""
+    """The per-trajectory Obs: M, absM, M2, Gp, C(t) for t = 0..L/2, exp(-dH), and when the
+    file has it Mz, Mz2 (the chain variable's magnetization and its square)."""
     ens = e.name
-    out = {"M": _obs(e.M, ens), "absM": _obs(np.abs(e.M), ens), "M2": _obs(e.M**2, ens),
-           "Gp": _obs(e.Gp, ens), "exp_mdH": _obs(np.exp(-e.dH), ens)}
+    out = {"M": to_obs(e.M, ens), "absM": to_obs(np.abs(e.M), ens), "M2": to_obs(e.M**2, ens),
+           "Gp": to_obs(e.Gp, ens), "exp_mdH": to_obs(np.exp(-e.dH), ens)}
     for t in range(e.C.shape[-1]):
-        out[f"C{t}"] = _obs(e.C[..., t], ens)
+        out[f"C{t}"] = to_obs(e.C[..., t], ens)
+    if e.Mz is not None and not np.array_equal(e.Mz, e.M):
+        out["Mz"], out["Mz2"] = to_obs(e.Mz, ens), to_obs(e.Mz**2, ens)
     return out
+
+
+def slow_mode_scale(e: Ensemble, p: dict):
+    """c_M = sqrt((<Mz^2> - <Mz>^2) / (<M^2> - <M>^2)) (PHYSICS.md section 5.1) as an Obs;
+    the float 1.0 when Mz is M (HMC: the chain variable is the field); None without Mz."""
+    if e.Mz is None:
+        return None
+    if "Mz" not in p:
+        return 1.0
+    return np.sqrt((p["Mz2"] - p["Mz"] ** 2) / (p["M2"] - p["M"] ** 2))
+
+
+def forces_per_trajectory(steps: int, integrator: str) -> int | None:
+    """Force evaluations per trajectory, n_steps x forces_per_step + 1 (the last kick of a
+    step merged with the first of the next; :mod:`hpcflow.hmc`); None for an unknown scheme."""
+    from .hmc import INTEGRATORS
+
+    scheme = INTEGRATORS.get(str(integrator))
+    return int(steps) * scheme.forces_per_step + 1 if scheme is not None else None
+
+
+def cost_entry(e: Ensemble) -> dict | None:
+    """The production's cost (module docstring), or None for a file without ``/cost``."""
+    c, a = e.cost, e.attrs
+    if c is None:
+        return None
+    replicas = int(a["replicas"])
+    trajectories = int(c["trajectories"])
+    timed = trajectories - int(c["first_trajectory"])  # trajectories the seconds cover
+    per = (c["rank_seconds"] / (timed * replicas)) if timed > 0 else None
+    return {"wall_seconds": float(c["seconds"]), "rank_seconds": float(c["rank_seconds"]),
+            "ranks": int(c["ranks"]), "device": c["device"], "segments": int(c["segments"]),
+            "trajectories": trajectories, "timed_trajectories": timed,
+            "seconds_per_trajectory_per_replica": per,
+            "forces_per_trajectory": forces_per_trajectory(a["steps"], a["integrator"])}
 
 
 def effective_mass(C: list, tmin: int):
@@ -118,9 +228,9 @@ def analyse(e: Ensemble, S: float = 2.0, plateau_min: int = 0) -> dict:
     if e.M.shape[1] < 2:
         raise ValueError(f"{e.path}: fewer than 2 measurements per replica, nothing to analyse")
     p = primary_obs(e)
-    # pyerrors also evaluates derived observables on each replica's own mean; for short
-    # replicas these may leave the domain of sqrt/arccosh.  Only the ensemble value and the
-    # linearized errors enter the results, and those are checked below.
+    # to_obs gives every replica the overall mean as its value, so derived observables are
+    # evaluated only there; the errstate guards the remaining degenerate cases (a zero
+    # error in m_eff, a correlator ratio at 1), which are checked below.
     with np.errstate(invalid="ignore", divide="ignore"):
         return _derive(e, p, L, V, S, plateau_min)
 
@@ -135,7 +245,10 @@ def _derive(e, p, L, V, S, plateau_min):
     meff, m_plateau = effective_mass(C_conn, tmin)
     xi = 1 / m_plateau if m_plateau is not None else None
 
+    c_M = slow_mode_scale(e, p)
     derived = {"chi": chi, "xi2": xi2, "xi": xi, "m": m_plateau}
+    if c_M is not None and not isinstance(c_M, float):
+        derived["c_M"] = c_M
     for o in [*p.values(), *derived.values()]:
         if o is not None:
             o.gamma_method(S=S)
@@ -158,17 +271,22 @@ def _derive(e, p, L, V, S, plateau_min):
             "M": entry(p["M"]), "absM": entry(p["absM"]), "M2": entry(p["M2"]),
             "chi": entry(chi), "xi": entry(xi, tau=False),
             "xi2": entry(xi2, tau=False), "exp_mdH": entry(p["exp_mdH"]),
+            **({"Mz": entry(p["Mz"])} if "Mz" in p else {}),
         },
         "meff": {str(t): entry(m, tau=False) for t, m in meff.items()},
         "plateau": [tmin, L // 2 - 1],
         "md": {"length": float(a["length"]), "steps": int(a["steps"]),
                "integrator": str(a["integrator"])},
-        "stage": str(a["stage"]), "file": str(e.path), "S": S,
+        "c_M": ({"value": 1.0, "error": 0.0} if isinstance(c_M, float)
+                else entry(c_M, tau=False)),
+        "cost": cost_entry(e),
+        "stage": str(a["stage"]), "file": str(e.path), "S": S, "schema": SCHEMA,
+        "hpcflow_version": str(a.get("hpcflow_version", "")), "input": str(a.get("input", "")),
     }
     if "flow_prior" in a:
         result["flow"] = {"prior": str(a["flow_prior"]), "acceptance": _num(a.get("flow_acceptance")),
                           "spec": json.loads(a["flow_spec"]), "file": str(a["flow_file"])}
-    obs = {**{k: p[k] for k in ("M", "absM", "M2", "Gp", "exp_mdH")},
+    obs = {**{k: p[k] for k in ("M", "absM", "M2", "Gp", "exp_mdH", "Mz", "Mz2") if k in p},
            **{k: v for k, v in derived.items() if v is not None}}
     return {"json": result, "obs": obs}
 
@@ -178,21 +296,28 @@ def _num(v):
 
 
 def write_obs(result: dict, e: Ensemble) -> Path:
-    """Write the Obs as ``<stage>.obs.json.gz`` beside the ensemble file; return its path."""
+    """Write the Obs as ``<stage>.obs.json.gz`` beside the ensemble file; return its path.
+
+    pyerrors' reader re-centres every replica on its own mean: pass the loaded Obs through
+    :func:`recentre` before a Gamma method, or tau_int comes out biased low."""
     import pyerrors as pe
 
     names = list(result["obs"])
     base = e.path.with_name(f"{e.attrs['stage']}.obs")
-    pe.input.json.dump_to_json([result["obs"][k] for k in names], str(base),
-                               description={"observables": names, "source": str(e.path)})
+    pe.input.json.dump_to_json(
+        [result["obs"][k] for k in names], str(base),
+        description={"observables": names, "source": str(e.path),
+                     "note": "replicas about the overall mean: apply hpcflow.analysis.recentre "
+                             "to each loaded Obs before gamma_method (load_json re-centres "
+                             "each replica on its own mean)"})
     return base.with_name(base.name + ".json.gz")
 
 
 def _fmt(v, dv):
     if v is None:
         return "n/a"
-    if dv is None or not np.isfinite(dv) or dv <= 0:
-        return f"{v:.6g}"
+    if dv is None or not np.isfinite(dv) or dv <= 1e-12 * abs(v):
+        return f"{v:.6g}"  # exact, or an error at the level of rounding
     digits = max(0, 1 - int(math.floor(math.log10(dv))))
     return f"{v:.{digits}f} +- {dv:.{digits}f}"
 
@@ -220,6 +345,18 @@ def table(results: list[dict]) -> str:
         row = [f"{j['flow']['acceptance']:.3f} ({j['flow']['prior']})"
                if "flow" in j and j["flow"]["acceptance"] is not None else "-" for j in js]
         lines.append(f"{'flow acc':12s}" + "".join(f"{s:>{w}s}" for s in row))
+    row = [_fmt(j["c_M"]["value"], j["c_M"]["error"]) if j.get("c_M") else "n/a" for j in js]
+    lines.append(f"{'c_M':12s}" + "".join(f"{s:>{w}s}" for s in row))
+    costs = [j.get("cost") for j in js]
+    if any(costs):
+        row = [f"{c['forces_per_trajectory']}" if c else "-" for c in costs]
+        lines.append(f"{'forces/traj':12s}" + "".join(f"{s:>{w}s}" for s in row))
+        row = [f"{c['wall_seconds']:.3g} s x {c['ranks']} {c['device'].split(' (')[0]}"
+               if c else "-" for c in costs]
+        lines.append(f"{'wall time':12s}" + "".join(f"{s:>{w}s}" for s in row))
+        row = [f"{c['seconds_per_trajectory_per_replica']:.3g} s"
+               if c and c["seconds_per_trajectory_per_replica"] is not None else "-" for c in costs]
+        lines.append(f"{'s/traj/repl':12s}" + "".join(f"{s:>{w}s}" for s in row))
     return "\n".join(lines)
 
 
@@ -233,7 +370,8 @@ def find_ensembles(target) -> list[Path]:
 
 
 def cache_path(path: Path) -> Path:
-    """``<stage>.analysis.json`` beside an ensemble: its analysis, reused while newer."""
+    """``<stage>.analysis.json`` beside an ensemble: its analysis, reused while it is newer
+    than the ensemble and was made with the same S, plateau_min and :data:`SCHEMA`."""
     return path.with_name(path.stem + ".analysis.json")
 
 
@@ -245,7 +383,8 @@ def _cached(path: Path, S: float, plateau_min: int) -> dict | None:
         cached = json.loads(c.read_text())
     except (OSError, ValueError):
         return None
-    if cached.get("S") != S or cached.get("plateau_min") != plateau_min:
+    if (cached.get("schema") != SCHEMA or cached.get("S") != S
+            or cached.get("plateau_min") != plateau_min):
         return None
     return {"json": cached["json"]}
 
@@ -267,7 +406,7 @@ def run(target, S: float = 2.0, plateau_min: int = 0, write: bool = True) -> lis
         if write:
             r["json"]["obs_file"] = str(write_obs(r, e))
             cache_path(e.path).write_text(json.dumps(
-                {"S": S, "plateau_min": plateau_min, "json": r["json"]}) + "\n")
+                {"schema": SCHEMA, "S": S, "plateau_min": plateau_min, "json": r["json"]}) + "\n")
         results.append(r)
     return results
 

@@ -14,6 +14,16 @@ Each case first runs ``--warmup`` trajectories, then times ``--trajectories`` of
 repeats that ``--repeat`` times keeping the fastest (the least disturbed) run.  All ratios
 are measured in the same process.  The JSON written to ``--out`` holds the machine, the
 library versions and every measurement; a table goes to standard output.
+
+``--frozen-backends`` runs instead the comparison of the two backends of
+:class:`hpcflow.flows.FrozenFlow` ("sparse" site matrices, "fft" products in Fourier space):
+one flowed-force evaluation (frozen generator with pullback, then the pullback of a force)
+on a batch of ``--fhmc-batch`` (64) configurations, best of ``--repeat`` timings, for every
+case of ``FROZEN_CASES`` (one coupling layer, lattice sizes and conv architectures).  A
+backend whose single evaluation exceeds ``--max-seconds`` (2 s) is recorded as skipped.
+``FrozenFlow(method="auto")`` is set from this table (``results/frozen-backends-cpu.json``):
+
+    python -m hpcflow.bench --frozen-backends --repeat 5 --out results/frozen-backends-cpu.json
 """
 
 from __future__ import annotations
@@ -77,7 +87,7 @@ def bench_hmc_batch(args, device):
 
 def bench_fhmc(args, device):
     from .action import FlowedAction
-    from .flow import Flow
+    from .flows import Flow
 
     target = Phi4Action(args.beta, args.lam)
     flow = Flow(args.L, kernel_size=args.kernel_size, layers=args.layers, hidden=args.hidden)
@@ -91,6 +101,141 @@ def bench_fhmc(args, device):
                     args.warmup, args.repeat)
     return {"B": B, "flow": flow.spec(), "hmc_seconds_per_trajectory": hmc,
             "fhmc_seconds_per_trajectory": fhmc, "fhmc_over_hmc": fhmc / hmc}
+
+
+# (L, kernel size, hidden channels) of the --frozen-backends comparison, one coupling layer:
+# the reference architectures, then more to place the boundary of FrozenFlow's auto rule
+# (one hidden layer of 2 to 32 channels, two narrow ones)
+FROZEN_ARCHITECTURES = [(3, ()), (5, ()), (7, ()), (3, (8,)), (3, (16, 16)), (5, (8, 8)),
+                        (7, (8, 8))]
+FROZEN_BOUNDARY = [(3, (16,)), (3, (32,)), (5, (4,)), (5, (8,)), (7, (2,)), (7, (4,)), (7, (8,)),
+                   (3, (4, 4)), (3, (8, 8)), (5, (4, 4)), (3, (12, 12))]
+FROZEN_CASES = ([(L, k, h) for L in (16, 32) for k, h in FROZEN_ARCHITECTURES]
+                + [(64, k, h) for k, h in FROZEN_ARCHITECTURES if not h or (k, h) == (5, (8, 8))]
+                + [(L, k, h) for L in (16, 32) for k, h in FROZEN_BOUNDARY])
+
+
+def _seconds(fn, n, device) -> float:
+    """Seconds per call of ``fn`` over ``n`` calls."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def bench_frozen_backends(args, device, cases=None, min_seconds=0.2):
+    """Rows {L, kernel_size, hidden, B, max_k2_cin, k2_cin_cout, auto, sparse/fft: {seconds,
+    first_seconds, build_seconds} or {skipped, first_seconds | predicted_seconds},
+    fft_over_sparse}.
+
+    One evaluation is one flowed force: ``frozen.inverse_with_pullback(z)`` and the pullback
+    of a force F, on B = ``args.fhmc_batch`` configurations.  After a first (cold)
+    evaluation, both backends are timed alternately ``args.repeat`` times (blocks of about
+    ``min_seconds``), keeping the best block of each: drifts of the machine's load hit both.
+    A backend is skipped when its first evaluation (the faster of the first two, cold and
+    warm, unless the cold one took over twice the limit) takes longer than ``args.max_seconds``,
+    or, without building it, when the same architecture on a smaller lattice L0 already took
+    longer than ``args.max_seconds`` (L0 / L)^2 (the cost grows at least like the volume;
+    ``predicted_seconds`` is that volume-scaled lower bound)."""
+    from .flows import Flow
+    from .flows.frozen import AUTO_BASE, AUTO_PER_HIDDEN, AUTO_PER_MIX, auto_method, conv_costs
+
+    B = args.fhmc_batch
+    rows = []
+    for L, k, hidden in (FROZEN_CASES if cases is None else cases):
+        flow = Flow(L, kernel_size=k, layers=1, hidden=hidden).to(device)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # generic weights: the cost does not depend on their values
+            for p in flow.parameters():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        z = (0.5 * torch.randn(B, L, L, generator=g, dtype=torch.float64)).to(device)
+        F = torch.randn(B, L, L, generator=g, dtype=torch.float64).to(device)
+        k2cc, n_hidden, mix = conv_costs(flow.couplings[0])
+        row = {"L": L, "kernel_size": k, "hidden": list(hidden), "B": B,
+               "max_k2_cin": k * k * max((1, *hidden)), "k2_cin_cout": k2cc,
+               "sparse_budget": AUTO_BASE + AUTO_PER_HIDDEN * n_hidden + AUTO_PER_MIX * mix,
+               "auto": auto_method(flow.couplings)}
+        timed = {}
+        for method in ("sparse", "fft"):
+            smaller = [(r["L"], r[method]) for r in rows
+                       if (r["kernel_size"], r["hidden"]) == (k, list(hidden)) and r["L"] < L]
+            if smaller:
+                L0, m0 = max(smaller, key=lambda x: x[0])
+                low = (m0.get("seconds") or m0.get("first_seconds")
+                       or m0.get("predicted_seconds")) * (L / L0) ** 2
+                if low > args.max_seconds:
+                    row[method] = {"skipped": True, "predicted_seconds": low}
+                    continue
+            t0 = time.perf_counter()
+            frozen = flow.frozen(method)
+            build = time.perf_counter() - t0
+
+            def once(frozen=frozen):
+                _, _, pullback = frozen.inverse_with_pullback(z, logdet=False)
+                return pullback(F)
+
+            # the first evaluation is cold (allocations, page faults): decide on a second one
+            # unless the first is already far beyond the limit
+            first = _seconds(once, 1, device)
+            row[method] = {"first_seconds": first, "build_seconds": build}
+            if first <= 2 * args.max_seconds:
+                second = _seconds(once, 1, device)
+                row[method]["first_seconds"] = min(first, second)
+            if row[method]["first_seconds"] > args.max_seconds:
+                row[method]["skipped"] = True
+            else:
+                timed[method] = (once, max(1, int(min_seconds / row[method]["first_seconds"])))
+        best = {m: float("inf") for m in timed}
+        for _ in range(args.repeat):
+            for method, (once, n) in timed.items():
+                best[method] = min(best[method], _seconds(once, n, device))
+        for method in timed:
+            row[method]["seconds"] = best[method]
+        del timed
+        if "seconds" in row["sparse"] and "seconds" in row["fft"]:
+            row["fft_over_sparse"] = row["fft"]["seconds"] / row["sparse"]["seconds"]
+            row["faster"] = "fft" if row["fft_over_sparse"] < 1 else "sparse"
+        rows.append(row)
+        print(_frozen_line(row), flush=True)
+    return rows
+
+
+def _frozen_line(r) -> str:
+    def ms(m):
+        if "seconds" in m:
+            return f"{m['seconds'] * 1e3:10.2f}"
+        low = m.get("predicted_seconds", m.get("first_seconds"))
+        return f"{'skip>' + format(low, '.1f') + 's':>10s}"
+
+    ratio = f"{r['fft_over_sparse']:9.2f}" if "fft_over_sparse" in r else f"{'-':>9s}"
+    hidden = ",".join(map(str, r["hidden"])) or "-"
+    return (f"{r['L']:4d} {r['kernel_size']:3d} {hidden:>8s} {r['max_k2_cin']:8d} "
+            f"{r['k2_cin_cout']:8d} {r['sparse_budget']:8d} {ms(r['sparse'])} {ms(r['fft'])} "
+            f"{ratio} {r['auto']:>7s}")
+
+
+def main_frozen_backends(args, device) -> dict:
+    print(f"one flowed force (frozen generator + pullback), one coupling layer, "
+          f"B={args.fhmc_batch}, device {device}, {args.threads} thread(s), best of {args.repeat}")
+    print(f"{'L':>4s} {'k':>3s} {'hidden':>8s} {'k2cin':>8s} {'k2cincout':>8s} {'budget':>8s} "
+          f"{'sparse ms':>10s} {'fft ms':>10s} {'fft/spar':>9s} {'auto':>7s}")
+    print("  k2cin: max k^2 c_in over the convolutions of a net; k2cincout: sum of k^2 c_in c_out;"
+          " auto = sparse iff k2cincout <= budget")
+    t0 = time.perf_counter()
+    rows = bench_frozen_backends(args, device)
+    return {"what": "one flowed-force evaluation: FrozenFlow.inverse_with_pullback(z) and "
+                    "the pullback of a force, one coupling layer (two steps) and the global "
+                    "scale, per batch of B configurations; best of repeat timings",
+            "max_k2_cin": "the largest k^2 c_in over the convolutions of a net (nonzeros per row "
+                          "of its sparse matrices)",
+            "k2_cin_cout": "sum of k^2 c_in c_out over the convolutions of a net (multiply-adds "
+                           "per site of one net, the sparse backend's arithmetic)",
+            "sparse_budget": "AUTO_BASE + AUTO_PER_HIDDEN sum c_hidden + AUTO_PER_MIX sum of "
+                             "c_in c_out over channel-mixing convolutions (hpcflow.flows.frozen);"
+                             " auto = sparse iff k2_cin_cout <= sparse_budget",
+            "rows": rows, "total_seconds": time.perf_counter() - t0}
 
 
 def machine():
@@ -119,6 +264,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--hidden", default="", help="comma list of hidden channels")
     ap.add_argument("--skip-fhmc", action="store_true")
+    ap.add_argument("--frozen-backends", action="store_true",
+                    help="only compare the sparse and fft FrozenFlow backends (see above)")
+    ap.add_argument("--max-seconds", type=float, default=2.0,
+                    help="--frozen-backends: skip a backend whose first evaluation is longer")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
@@ -126,6 +275,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
 
     result = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    if args.frozen_backends:
+        result["frozen_backends"] = main_frozen_backends(args, device)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"written {args.out}")
+        return 0
     result["hmc_batch"] = bench_hmc_batch(args, device)
     print(f"HMC, L={args.L}, leapfrog {args.steps} steps, device {device}, "
           f"{args.threads} thread(s)")

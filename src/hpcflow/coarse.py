@@ -55,11 +55,12 @@ def coarse_config(cfg):
 
 
 def tau_int_M(path, S: float = 2.0) -> tuple[float, float]:
-    """tau_int(M) of an ensemble file, replicas combined (Gamma method)."""
-    from .analysis import _obs, load
+    """tau_int(M) of an ensemble file and its error, in trajectories: Gamma method over all
+    replicas about their overall mean (:func:`hpcflow.analysis.to_obs`)."""
+    from .analysis import load, to_obs
 
     e = load(path)
-    o = _obs(e.M, e.name)
+    o = to_obs(e.M, e.name)
     o.gamma_method(S=S)
     return float(o.e_tauint[e.name]), float(o.e_dtauint[e.name])
 

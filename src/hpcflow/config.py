@@ -169,11 +169,10 @@ def channels_check(v):
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """[flow]: the normalizing flow f, phi~ = f(phi) (affine coupling layers, checkerboard masks)."""
+    """[flow]: the normalizing flow, generator phi = g(z) (tanh coupling layers, global scale)."""
 
-    prior: str = _key("gaussian", check=one_of(*PRIORS), doc="distribution r of phi~ the flow is trained from")
-    prior_width: float = _key(1.0, check=positive,
-                              doc="sigma of the gaussian prior (f contracts: sigma <= target's local width)")
+    prior: str = _key("gaussian", check=one_of(*PRIORS),
+                      doc="distribution r of z the flow is trained from (gaussian = unit normal)")
     kernel_size: int = _key(3, check=kernel_size_check, doc="convolution kernel size k of s and t")
     layers: int = _key(1, check=positive,
                        doc="coupling blocks (block = pair) or single coupling layers (block = single)")
@@ -188,9 +187,11 @@ class FlowConfig:
 class TrainConfig:
     """[train]: reverse-KL training of the flow, data parallel over ranks."""
 
-    iterations: int = _key(check=positive, doc="Adam steps")
-    batch_size: int = _key(256, check=positive, doc="samples per step, over all ranks")
-    lr: float = _key(1e-3, check=positive, doc="Adam learning rate")
+    iterations: int = _key(2000, check=positive, doc="Adam steps")
+    batch_size: int = _key(500, check=positive, doc="samples per step, over all ranks")
+    lr: float = _key(0.01, check=positive, doc="Adam learning rate (initial, with schedule = cosine)")
+    schedule: str = _key("cosine", check=one_of("cosine", "constant"),
+                         doc="cosine: lr annealed to 0 over the iterations; constant: lr throughout")
     metropolis: int = _key(4096, check=positive,
                            doc="proposals of the independence-Metropolis chain measuring flow acceptance")
     eval_every: int = _key(0, check=non_negative,
@@ -248,6 +249,12 @@ STAGE_SECTIONS = {"coarse": ("coarse",), "hmc": ("hmc",), "train": ("flow", "tra
 ALWAYS = ("run", "theory")
 DEFAULTED = ("analysis", "flow")
 KEY_ALIASES = {("theory", "lambda"): "lam"}
+# Keys of earlier versions, with why they went; named in the error instead of "unknown key".
+REMOVED_KEYS = {
+    ("flow", "prior_width"): "was removed: the Gaussian prior has unit width and the flow learns "
+                             "the overall scale (a global exp(lambda)), PHYSICS.md section 5; "
+                             "delete the key",
+}
 
 
 @dataclass(frozen=True)
@@ -319,6 +326,8 @@ def _parse_section(cls, section: str, items: dict[str, str], path):
     values = {}
     for key, raw in items.items():
         name = KEY_ALIASES.get((section, key), key)
+        if (section, key) in REMOVED_KEYS:
+            raise ConfigError(path, section, key, REMOVED_KEYS[(section, key)])
         if name not in types:
             allowed = ", ".join(_ini_key(section, n) for n in types)
             raise ConfigError(path, section, key, f"unknown key; allowed keys: {allowed}")

@@ -10,6 +10,10 @@ configuration; ensemble averages and errors are the business of :mod:`hpcflow.an
                  t = 0 .. L/2.  Its ensemble average is C(t) = <Phi(t0 + t) Phi(t0)> / L.
 - g_pmin         |phi(p)|^2 / V at the smallest momentum p_min = 2 pi / L, averaged over
                  the two directions: its average is G(p_min) of the second-moment xi.
+
+Production (:mod:`hpcflow.production`) also stores ``magnetization`` of the chain variable z
+before the map phi = g(z) (``/observables/Mz``; z = phi for HMC), for the slow-mode scale
+c_M = std(M_z) / std(M) of a flow (PHYSICS.md section 5.1).
 """
 
 from __future__ import annotations

@@ -1,22 +1,22 @@
-"""Priors r(phi~): the distributions a flow is trained from.
+"""Priors r(z): the distributions a flow is trained from.
 
 Every prior has one interface,
 
-    sample(n, rng, device) -> (phi~ [n, L, L], log_r [n])
+    sample(n, rng, device) -> (z [n, L, L], log_r [n])
 
 with ``rng`` a numpy Generator (so draws do not depend on the device), and log_r the log
 density up to a constant that does not depend on the flow (PHYSICS.md section 5: the
 reverse-KL loss and the Metropolis weights only need it up to a constant).
 
-- :class:`GaussianPrior`: r(phi~) = prod_x exp(-phi~_x^2 / (2 sigma^2)) / sqrt(2 pi sigma^2),
-  exactly normalized; sigma = ``[flow] prior_width`` (default 1).
-- :class:`CoarseVolumePrior`: r = exp(-S'(phi~)) / Z', the coarse theory (beta') on the
-  same L, i.e. a bigger physical volume; log r = -S'(phi~) (Z' dropped).
+- :class:`GaussianPrior`: r(z) = prod_x exp(-z_x^2 / 2) / sqrt(2 pi), a unit normal per
+  site, exactly normalized (the flow's global scale learns the overall width).
+- :class:`CoarseVolumePrior`: r = exp(-S'(z)) / Z', the coarse theory (beta') on the
+  same L, i.e. a bigger physical volume; log r = -S'(z) (Z' dropped).
 - :class:`CoarseInterleavePrior`: four independent coarse configurations Phi_1..Phi_4 on
   L/2 interleaved into one L lattice (PHYSICS.md section 6, eq. 9 of arXiv:2310.03381),
 
-      phi~(2n, 2m) = Phi_1(n, m),     phi~(2n+1, 2m) = Phi_2(n, m),
-      phi~(2n, 2m+1) = Phi_3(n, m),   phi~(2n+1, 2m+1) = Phi_4(n, m),
+      z(2n, 2m) = Phi_1(n, m),     z(2n+1, 2m) = Phi_2(n, m),
+      z(2n, 2m+1) = Phi_3(n, m),   z(2n+1, 2m+1) = Phi_4(n, m),
 
   log r = -sum_i S'(Phi_i) (Z'^4 dropped); the four are distinct configurations.
 
@@ -26,13 +26,6 @@ phi -> -phi, both symmetries of r), and ``fresh(n, start, rng, device)`` hands o
 proposals built from the held-out pool, every configuration used at most once, for the
 flow acceptance: proposals ``start .. start + n`` of the held-out sequence, so ranks can
 take disjoint slices.  ``capacity`` is how many fresh proposals the held-out pool allows.
-
-Why a width: the coupling layers scale by exp(-|s|) <= 1 from phi to phi~, so f can only
-contract and the prior must be at least as narrow as the target's fluctuations of each
-site given its neighbours.  For the free field those have variance 1/2 (the on-site term
-phi^2 of S), so a unit-width prior cannot be reached by any flow of this family, while
-sigma <= 1/sqrt(2) can; for the interacting theory at lambda = 0.5 the on-site potential
-is 0.5 phi^4 and the unit width is the natural choice.
 """
 
 from __future__ import annotations
@@ -44,23 +37,20 @@ import torch
 
 
 class GaussianPrior:
-    """Independent normals of width sigma on every site:
-    log r = -1/(2 sigma^2) sum_x phi~_x^2 - V/2 log(2 pi sigma^2)."""
+    """Independent unit normals on every site: log r = -1/2 sum_x z_x^2 - V/2 log(2 pi)."""
 
     name = "gaussian"
 
-    def __init__(self, L: int, sigma: float = 1.0):
-        self.L, self.sigma = L, float(sigma)
+    def __init__(self, L: int):
+        self.L = L
 
-    def log_prob(self, phi_t: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         V = self.L * self.L
-        return (-0.5 * (phi_t * phi_t).flatten(1).sum(1) / self.sigma**2
-                - 0.5 * V * math.log(2 * math.pi * self.sigma**2))
+        return -0.5 * (z * z).flatten(1).sum(1) - 0.5 * V * math.log(2 * math.pi)
 
     def sample(self, n: int, rng: np.random.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-        phi_t = self.sigma * torch.from_numpy(rng.standard_normal((n, self.L, self.L))).to(device)
-        return phi_t, self.log_prob(phi_t)
-
+        z = torch.from_numpy(rng.standard_normal((n, self.L, self.L))).to(device)
+        return z, self.log_prob(z)
 
     capacity = float("inf")
 
@@ -163,7 +153,7 @@ def make_prior(cfg):
     """The prior of an input's [flow] section (coarse priors read the coarse file)."""
     name, L = cfg.flow.prior, cfg.theory.L
     if name == "gaussian":
-        return GaussianPrior(L, cfg.flow.prior_width)
+        return GaussianPrior(L)
     from .action import Phi4Action
     from .coarse import coarse_path, load_samples
 

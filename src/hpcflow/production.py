@@ -8,6 +8,12 @@ An interrupted run resumes from the last checkpoint and continues the very same 
 A production stage differs only in its action, its stream purpose and ``to_physical``,
 the map from the chain's variables to the field that is measured (identity for HMC, the
 inverse flow for FHMC).
+
+Besides the observables of the measured field phi, every trajectory stores Mz, the lattice
+mean of the chain variable z itself (z = phi for HMC), from which the analysis gets the
+slow-mode scale c_M = std(Mz) / std(M) (PHYSICS.md section 5.1).  Every checkpoint also
+records the production's cost: wall seconds since the segment began (rank 0's clock) added
+to those of earlier segments, rank-seconds, ranks and device (:mod:`hpcflow.store`).
 """
 
 from __future__ import annotations
@@ -80,8 +86,18 @@ class Progress:
         self.t_last = now
 
 
+def device_label(device) -> str:
+    """What a rank computes on, for the cost record: "cpu (N threads)" or "cuda (<name>)"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    n = torch.get_num_threads()
+    return f"{device.type} ({n} thread{'s' if n != 1 else ''})"
+
+
 def produce(cfg, world: World, section, spec: ChainSpec, path, force: bool = False) -> str:
     """Run (or resume, or skip) one production; returns 'done', 'resumed' or 'skipped'."""
+    t_start = time.perf_counter()
     L = cfg.theory.L
     R, N, n_therm = section.replicas, section.trajectories, section.thermalization
     total = n_therm + N
@@ -106,15 +122,21 @@ def produce(cfg, world: World, section, spec: ChainSpec, path, force: bool = Fal
         log(world, f"[{spec.stage}] {path} is complete: skipped (use --force to recompute)")
         return "skipped"
 
+    layout = store.layout(L, R, N, saved)
+    cost_before = {"seconds": 0.0, "rank_seconds": 0.0, "segments": 0}
     if existing is not None and existing["done"] > 0:
         writer.reopen()
         done = existing["done"]
+        missing = writer.ensure(layout)  # a file begun by an older version
+        if world.is_root and "cost/first_trajectory" in missing:
+            writer.file["cost/first_trajectory"][0] = done  # earlier segments were not timed
+        cost_before = writer.read_cost() or cost_before
         phi = torch.from_numpy(writer.read_rows("checkpoint/phi")).to(world.device)
         streams.set_state(writer.read_rows("checkpoint/rng"))
         status = "resumed"
         log(world, f"[{spec.stage}] resuming {path} at trajectory {done}/{total}")
     else:
-        writer.create(attrs, store.layout(L, R, N, saved))
+        writer.create(attrs, layout)
         done = 0
         status = "done"
         if spec.initial_from is not None:
@@ -132,6 +154,14 @@ def produce(cfg, world: World, section, spec: ChainSpec, path, force: bool = Fal
                    f"trajectories, {section.integrator} {section.steps} steps, io={io}")
 
     integrator = INTEGRATORS[section.integrator]
+    device = device_label(world.device)
+
+    def cost_now():
+        seconds = time.perf_counter() - t_start
+        return {"seconds": cost_before["seconds"] + seconds,
+                "rank_seconds": cost_before["rank_seconds"] + seconds * world.size,
+                "ranks": world.size, "segments": cost_before["segments"] + 1, "device": device}
+
     state: HMCState = init_state(spec.action, phi)
     progress = Progress(world, spec.stage, total, done, R, cfg.run.progress_every)
     buffers = _Buffers()
@@ -150,11 +180,12 @@ def produce(cfg, world: World, section, spec: ChainSpec, path, force: bool = Fal
                 with torch.no_grad():
                     phys = spec.to_physical(state.phi)
                     meas = observables.measure(phys)
+                    meas["Mz"] = observables.magnetization(state.phi)
                 buffers.add(meas, info)
                 if section.save_every and (m + 1) % section.save_every == 0:
                     buffers.configs.append((m // section.save_every, phys.cpu().numpy()))
             if done % cfg.run.checkpoint_every == 0 or done == total:
-                _flush(writer, buffers, flush_from, state, streams, done)
+                _flush(writer, buffers, flush_from, state, streams, done, cost_now())
                 flush_from = max(done - n_therm, 0)
                 progress.report(done, n_therm, final=done == total)
     except Exception:
@@ -173,20 +204,22 @@ class _Buffers:
         self.clear()
 
     def clear(self):
-        self.rows = {"observables/M": [], "observables/C": [], "observables/Gp": [],
-                     "mc/dH": [], "mc/accepted": []}
+        self.rows = {"observables/M": [], "observables/Mz": [], "observables/C": [],
+                     "observables/Gp": [], "mc/dH": [], "mc/accepted": []}
         self.configs = []
 
     def add(self, meas, info):
         self.rows["observables/M"].append(meas["M"].cpu().numpy())
+        self.rows["observables/Mz"].append(meas["Mz"].cpu().numpy())
         self.rows["observables/C"].append(meas["C"].cpu().numpy())
         self.rows["observables/Gp"].append(meas["Gp"].cpu().numpy())
         self.rows["mc/dH"].append(info.dH.detach().cpu().numpy())
         self.rows["mc/accepted"].append(info.accepted.cpu().numpy().astype(np.int8))
 
 
-def _flush(writer, buffers, m0, state, streams, done):
-    """Write measurements [m0, m0 + n), configurations, checkpoint, then the counter."""
+def _flush(writer, buffers, m0, state, streams, done, cost=None):
+    """Write measurements [m0, m0 + n), configurations, checkpoint, then the cost and the
+    counter."""
     n = len(buffers.rows["mc/dH"])
     if n:
         for name, rows in buffers.rows.items():
@@ -196,5 +229,5 @@ def _flush(writer, buffers, m0, state, streams, done):
         writer.write_rows("configs", phi, (index,))
     writer.write_rows("checkpoint/phi", state.phi.detach().cpu().numpy())
     writer.write_rows("checkpoint/rng", streams.get_state())
-    writer.set_counter(done)
+    writer.set_counter(done, cost)
     buffers.clear()

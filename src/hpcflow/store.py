@@ -6,6 +6,10 @@ One file per production stage (``hmc.h5``, later ``fhmc.h5``, ``coarse.h5``):
                             algorithm, L, beta, lambda, seed, replicas, trajectories,
                             thermalization, length, steps, integrator, save_every, fingerprint
     /observables/M          float64 [replicas, measurements]        magnetization
+    /observables/Mz         float64 [replicas, measurements]        magnetization of the chain
+                                                                    variable z (FHMC: z, with
+                                                                    phi = g(z) measured; HMC:
+                                                                    z = phi, so Mz == M)
     /observables/C          float64 [replicas, measurements, L/2+1] time-slice correlator c(t)
     /observables/Gp         float64 [replicas, measurements]        |phi(p_min)|^2 / V
     /mc/dH                  float64 [replicas, measurements]        energy violation
@@ -15,9 +19,25 @@ One file per production stage (``hmc.h5``, later ``fhmc.h5``, ``coarse.h5``):
     /checkpoint/rng         uint64  [replicas, 6]                   random-stream states
     /checkpoint/trajectory  int64   [1]                             trajectories done per replica
                                                                     (thermalization included)
+    /cost/seconds           float64 [1]     wall seconds of the production, all segments
+    /cost/rank_seconds      float64 [1]     sum over segments of wall seconds x ranks
+    /cost/ranks             int64   [1]     MPI ranks of the latest segment
+    /cost/segments          int64   [1]     runs (first + resumptions) that reached a checkpoint
+    /cost/device            bytes64 [1]     device of the latest segment (rank 0's),
+                                            e.g. "cpu (1 thread)", "cuda (NVIDIA H200)"
+    /cost/first_trajectory  int64   [1]     counter when timing began (0; > 0 for a file begun
+                                            before the cost datasets existed and resumed after)
+
+A segment's wall time runs from the start of :func:`hpcflow.production.produce` to each
+checkpoint, measured on rank 0; the cost datasets are written with the counter, so a
+resumed run adds to them (time after the last checkpoint of a killed run is not counted:
+its work is lost too).
 
 Measurement m of every replica is trajectory thermalization + m; rows not yet measured
-hold NaN.  A reader takes ``measured(f)`` rows.
+hold NaN.  A reader takes ``measured(f)`` rows.  Files written before ``/observables/Mz`` and
+``/cost`` existed lack them; readers treat them as absent (:func:`read_cost` returns None),
+and a resumed production adds them (:meth:`EnsembleWriter.ensure`), Mz then NaN before the
+resumption.
 
 Every dataset is created at full size with its space allocated at creation, so that a run
 only ever writes raw data into place: the measurements and the checkpoint first, flushed,
@@ -67,6 +87,9 @@ def fingerprint(values: dict) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
+COST_DEVICE_BYTES = 64
+
+
 def _early_dcpl(fill):
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -82,6 +105,7 @@ def layout(L: int, replicas: int, measurements: int, saved: int) -> dict[str, tu
     nan = np.nan
     return {
         "observables/M": ((R, N), "f8", nan),
+        "observables/Mz": ((R, N), "f8", nan),
         "observables/C": ((R, N, nt), "f8", nan),
         "observables/Gp": ((R, N), "f8", nan),
         "mc/dH": ((R, N), "f8", nan),
@@ -90,6 +114,12 @@ def layout(L: int, replicas: int, measurements: int, saved: int) -> dict[str, tu
         "checkpoint/phi": ((R, L, L), "f8", nan),
         "checkpoint/rng": ((R, CHECKPOINT_WIDTH), "u8", 0),
         "checkpoint/trajectory": ((1,), "i8", 0),
+        "cost/seconds": ((1,), "f8", 0.0),
+        "cost/rank_seconds": ((1,), "f8", 0.0),
+        "cost/ranks": ((1,), "i8", 0),
+        "cost/segments": ((1,), "i8", 0),
+        "cost/device": ((1,), f"S{COST_DEVICE_BYTES}", None),
+        "cost/first_trajectory": ((1,), "i8", 0),
     }
 
 
@@ -129,6 +159,26 @@ class EnsembleWriter:
         self._open("r+")
         return self
 
+    def ensure(self, datasets: dict[str, tuple]) -> list[str]:
+        """Create the datasets of ``datasets`` (from layout()) that the open file lacks, as
+        :meth:`create` would (a file written by an older version); returns their names
+        (on every rank that has the file open; [] elsewhere).  Collective."""
+        missing = []
+        if self.file is not None:
+            missing = [n for n in datasets if n not in self.file]
+            for name in missing:
+                shape, dtype, fill = datasets[name]
+                self.file.create_dataset(name, shape=shape, dtype=dtype, dcpl=_early_dcpl(fill))
+            self.file.flush()
+        self.comm.Barrier()
+        return missing
+
+    def read_cost(self) -> dict | None:
+        """:func:`read_cost` of the open file, on rank 0 (None on the other ranks)."""
+        if self.comm.Get_rank() == 0:
+            return read_cost(self.file)
+        return None
+
     # -- writing -----------------------------------------------------------------------
     def write_rows(self, name: str, rows: np.ndarray, index=()):
         """Write this rank's replicas' ``rows`` [B, ...] into dataset[block, *index]."""
@@ -144,10 +194,20 @@ class EnsembleWriter:
             full = np.concatenate([p for p in parts if len(p)], axis=0)
             self.file[name][(slice(0, full.shape[0]), *index)] = full
 
-    def set_counter(self, trajectories: int):
-        """Record that ``trajectories`` are done; call after the data they produced is flushed."""
+    def set_counter(self, trajectories: int, cost: dict | None = None):
+        """Record that ``trajectories`` are done; call after the data they produced is flushed.
+
+        ``cost`` (rank 0's is used): {"seconds", "rank_seconds", "ranks", "segments",
+        "device"}, the totals so far, written just before the counter."""
         self.flush()
-        if self.comm.Get_rank() == 0:  # an independent write; mpio allows it for raw data
+        if self.comm.Get_rank() == 0:  # independent writes; mpio allows them for raw data
+            if cost is not None:
+                f = self.file
+                f["cost/seconds"][0] = cost["seconds"]
+                f["cost/rank_seconds"][0] = cost["rank_seconds"]
+                f["cost/ranks"][0] = cost["ranks"]
+                f["cost/segments"][0] = cost["segments"]
+                f["cost/device"][0] = cost["device"].encode()[:COST_DEVICE_BYTES]
             self.file["checkpoint/trajectory"][0] = trajectories
         self.flush()
 
@@ -188,6 +248,20 @@ def inspect(path, comm) -> dict | None:
         except (OSError, KeyError) as e:
             info = {"unreadable": str(e)}
     return comm.bcast(info, root=0)
+
+
+def read_cost(f: h5py.File) -> dict | None:
+    """The cost datasets of an open ensemble file and its counter ``trajectories``, or None
+    when the file has none (written before they existed)."""
+    if "cost/seconds" not in f:
+        return None
+    device = f["cost/device"][0]
+    return {"seconds": float(f["cost/seconds"][0]),
+            "rank_seconds": float(f["cost/rank_seconds"][0]),
+            "ranks": int(f["cost/ranks"][0]), "segments": int(f["cost/segments"][0]),
+            "device": device.decode(errors="replace") if isinstance(device, bytes) else str(device),
+            "first_trajectory": int(f["cost/first_trajectory"][0]),
+            "trajectories": int(f["checkpoint/trajectory"][0])}
 
 
 def measured(f: h5py.File) -> int:

@@ -1,12 +1,14 @@
 """Reverse-KL training of a flow, data parallel over MPI ranks, and flow acceptance.
 
-Loss (PHYSICS.md section 5; prior r, target p = exp(-S)/Z, model p_f = r(f) |det df/dphi|):
+Loss (PHYSICS.md section 5; prior r, target p = exp(-S)/Z, generator g, model
+p_g(phi) = r(z) |det dg/dz|^-1 at phi = g(z)):
 
-    loss = E_{phi~ ~ r} [ S(phi) + log|det df/dphi|(phi) + log r(phi~) ],   phi = f^-1(phi~)
-         = E_r [ S(phi) - log|det d f^-1/d phi~| + log r(phi~) ] = KL(p_f || p) - log Z,
+    loss = E_{z ~ r} [ S(g(z)) - log|det dg/dz|(z) + log r(z) ] = KL(p_g || p) - log Z,
 
 estimated on a minibatch.  For a prior known only up to a constant (a coarse phi^4
-ensemble) the loss is shifted by that constant; the gradient is not.
+ensemble) the loss is shifted by that constant; the gradient is not.  The optimizer is
+Adam with, by default, the authors' settings: lr 0.01 annealed to 0 by a cosine over the
+iterations, fresh prior batches of 500 (``[train]``).
 
 Data parallel: each rank draws its own share of the ``batch_size`` samples from its own
 stream; the gradients of the global mean loss are summed with one MPI allreduce, so every
@@ -15,7 +17,7 @@ rank takes the same Adam step and holds identical weights.
 Quality measures, per iteration on the training batch and at ``eval_every`` iterations on
 ``metropolis`` fresh proposals:
 
-- log weights  log w = -S(phi) - log p_f(phi) = -[S(phi) - log|det df^-1| + log r(phi~)];
+- log weights  log w = -S(phi) - log p_g(phi) = -[S(phi) - log|det dg/dz| + log r(z)];
 - effective sample size  ESS = (sum w)^2 / (N sum w^2), in (0, 1];
 - flow Metropolis acceptance: an independence Metropolis chain over the proposals in
   their order, accepting phi' over phi with min(1, w'/w).
@@ -38,11 +40,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .flow import Flow
+from .flows import FAMILY, Flow, FlowFamilyError
 from .parallel import World, purpose_key, replica_block
 from .store import StageError, fingerprint
 
-FORMAT = "hpcflow-flow-1"
+FORMAT = "hpcflow-flow-2"
+OLD_FORMATS = {"hpcflow-flow-1": "hpcflow 0.1 (couplings applied phi -> phi~, convolutions with bias, "
+                                    "a Gaussian prior of hand-set width)"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -50,12 +54,12 @@ FORMAT = "hpcflow-flow-1"
 
 
 def log_weights(flow, prior, target, n, rng, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """n proposals phi = f^-1(phi~), phi~ ~ r: returns (loss integrand [n], phi [n, L, L]).
+    """n proposals phi = g(z), z ~ r: returns (loss integrand [n], phi [n, L, L]).
 
-    The integrand is S(phi) - log|det df^-1/dphi~| + log r(phi~) = -log w."""
-    phi_t, log_r = prior.sample(n, rng, device)
-    phi, logdet_inv = flow.inverse(phi_t)
-    return target.action(phi) - logdet_inv + log_r, phi
+    The integrand is S(phi) - log|det dg/dz| + log r(z) = -log w."""
+    z, log_r = prior.sample(n, rng, device)
+    phi, logdet = flow.inverse(z)
+    return target.action(phi) - logdet + log_r, phi
 
 
 def ess(log_w: np.ndarray) -> float:
@@ -130,9 +134,36 @@ def read_flow_file(path) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
         raise StageError(f"{path}: cannot read flow file ({e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or "format" not in payload:
         raise StageError(f"{path}: not an hpcflow flow file")
+    if payload["format"] in OLD_FORMATS:
+        raise StageError(
+            f"{path}: flow family mismatch: the file holds a flow of {OLD_FORMATS[payload['format']]}; "
+            f"this version's flows apply the couplings in the generative direction with tanh nets "
+            f"without bias and a learned global scale, from a unit prior (PHYSICS.md section 5). "
+            f"Retrain it: rerun the train stage with --force")
+    if payload["format"] != FORMAT:
+        raise StageError(f"{path}: unknown flow file format {payload['format']!r} (this version "
+                         f"reads {FORMAT!r})")
     return payload
+
+
+def flow_from_file(path, device="cpu") -> tuple[Flow, dict]:
+    """The trained flow in ``path`` (weights frozen by nobody: a plain module) and the file's
+    payload, without an input file; refuses unfinished trainings."""
+    payload = read_flow_file(path)
+    if not payload.get("complete"):
+        raise StageError(f"{path}: training is unfinished (run the train stage first)")
+    return _rebuild(path, payload, device), payload
+
+
+def _rebuild(path, payload, device) -> Flow:
+    try:
+        flow = Flow.from_spec(payload["spec"])
+    except FlowFamilyError as err:
+        raise StageError(f"{path}: flow family mismatch: {err}; retrain it (train stage, --force)") from None
+    flow.load_state_dict(payload["state_dict"])
+    return flow.to(device=device, dtype=torch.float64)
 
 
 def load_flow(path, cfg, device) -> tuple[Flow, dict]:
@@ -148,14 +179,12 @@ def load_flow(path, cfg, device) -> tuple[Flow, dict]:
         asked = ", ".join(f"{k} = {want[k]!r}" for k in diff)
         raise StageError(f"{path}: flow was built for {got}, but {cfg.path} asks for {asked} "
                          f"([theory] L, [flow] kernel_size/layers/hidden/block)")
-    flow = Flow.from_spec(have)
-    flow.load_state_dict(payload["state_dict"])
-    return flow.to(device=device, dtype=torch.float64), payload
+    return _rebuild(path, payload, device), payload
 
 
 def expected_spec(cfg) -> dict:
     f = cfg.flow
-    return {"L": cfg.theory.L, "kernel_size": f.kernel_size, "layers": f.layers,
+    return {"family": FAMILY, "L": cfg.theory.L, "kernel_size": f.kernel_size, "layers": f.layers,
             "hidden": list(f.hidden), "block": f.block}
 
 
@@ -168,6 +197,15 @@ def build_flow(cfg, device) -> Flow:
 
 # ---------------------------------------------------------------------------------------
 # Training
+
+
+def make_scheduler(optimizer, t):
+    """The learning-rate schedule of ``[train] schedule``: ``cosine`` anneals lr to 0 over
+    ``iterations`` steps (lr_k = lr (1 + cos(pi k / iterations)) / 2, as the authors train),
+    ``constant`` keeps it."""
+    if t.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.iterations, eta_min=0.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
 
 
 def _flat_grads(params) -> np.ndarray:
@@ -209,13 +247,17 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
     flow = build_flow(cfg, world.device)
     params = [p for p in flow.parameters()]
     optimizer = torch.optim.Adam(params, lr=t.lr)
+    scheduler = make_scheduler(optimizer, t)
+    timing = {"seconds": 0.0, "segments": []}
     history = {"iteration": [], "loss": [], "acceptance": [], "ess": [], "seconds": [],
                "metropolis": []}
     start = 0
     if payload is not None:  # resume an unfinished training
         flow.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
         history = payload["history"]
+        timing = payload["train_time"]
         start = payload["iteration"]
         if world.is_root:
             log(f"[train] resuming {path} at iteration {start}/{t.iterations}")
@@ -226,7 +268,8 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
     block = replica_block(t.batch_size, world.size, world.rank)
     if world.is_root and start == 0:
         log(f"[train] flow {flow.spec()} ({n_params} parameters), prior {prior.name}, "
-            f"{t.iterations} iterations x batch {t.batch_size} over {world.size} rank(s), lr {t.lr}")
+            f"{t.iterations} iterations x batch {t.batch_size} over {world.size} rank(s), "
+            f"Adam lr {t.lr} ({t.schedule})")
 
     def payload_now(it, complete):
         return {"format": FORMAT, "hpcflow_version": __version__, "fingerprint": fp,
@@ -234,8 +277,21 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
                 "theory": {"L": cfg.theory.L, "beta": cfg.theory.beta, "lambda": cfg.theory.lam},
                 "prior": prior.name, "flow": dataclasses.asdict(cfg.flow),
                 "train": dataclasses.asdict(t), "history": history, "iteration": it,
-                "complete": complete, "input": cfg.text,
-                "optimizer": None if complete else optimizer.state_dict()}
+                "complete": complete, "input": cfg.text, "train_time": timing_now(it),
+                "optimizer": None if complete else optimizer.state_dict(),
+                "scheduler": None if complete else scheduler.state_dict()}
+
+    def timing_now(it):
+        """Wall time of the training so far: one segment per (re)start, with its rank count."""
+        seg = {"ranks": world.size, "device": str(world.device), "from": start, "to": it,
+               "seconds": time.perf_counter() - t0}
+        done = timing["segments"] + [seg]
+        by_ranks = {}
+        for d in done:
+            by_ranks[str(d["ranks"])] = by_ranks.get(str(d["ranks"]), 0.0) + d["seconds"]
+        return {"seconds": sum(d["seconds"] for d in done), "segments": done,
+                "seconds_by_ranks": by_ranks,
+                "seconds_per_iteration": sum(d["seconds"] for d in done) / max(it, 1)}
 
     def evaluate(it):
         flow.eval()
@@ -243,11 +299,12 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
         history["metropolis"].append({"iteration": it, **m})
         return m
 
+    t0 = time.perf_counter()
     if start == 0:
         m = evaluate(0)  # the untrained flow, for the acceptance-against-iteration curve
         if world.is_root:
             log(f"[train] 0/{t.iterations} | Metropolis acc {m['acceptance']:.3f} ESS {m['ess']:.3f}")
-    t0, t_last, rng = time.perf_counter(), 0.0, None
+    t_last, rng = 0.0, None
     for it in range(start, t.iterations):
         if rng is None or it % t.checkpoint_every == 0:
             # streams restart at checkpoints, so a resumed training draws what it would have
@@ -260,6 +317,7 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
         world.comm.Allreduce(grads.copy(), grads)  # sum over ranks: gradient of the global mean
         _set_grads(params, grads, world.device)
         optimizer.step()
+        scheduler.step()
 
         log_w = _gather_log_w(world, -integrand)
         if world.is_root:
@@ -293,6 +351,7 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
         final["acceptance"] = history["metropolis"][-1]["acceptance"] if history["metropolis"] else None
         save_flow(path, final)
         path.with_name("train.json").write_text(json.dumps(
-            {"prior": prior.name, "spec": flow.spec(), "history": history}, indent=1) + "\n")
+            {"prior": prior.name, "spec": flow.spec(), "history": history,
+             "train_time": final["train_time"]}, indent=1) + "\n")
     world.comm.Barrier()
     return world.comm.bcast(final if world.is_root else None, root=0)
