@@ -22,6 +22,10 @@ section 4:
   HMC at other lengths (the trajectory-length controls tau = 2, 4) are rows with a ratio
   of their own.  ``ratio_reference`` names the reference file;
 - ``c_M`` {value, error}: the slow-mode scale std(M_z) / std(M) (1 for HMC);
+- ``hmc_equivalent`` {length, tau_int {value, error}} and ``gain_beyond_rescaling``
+  {value, error} (FHMC rows): HMC's tau_int(M) at the trajectory length tau / c_M, which is
+  what FHMC with a linear flow of scale c_M would give (PHYSICS.md 5.1), interpolated
+  between the HMC length controls, and its ratio to the row's tau_int (:func:`add_rescaling_control`);
 - ``cost``: the ensemble's recorded cost (:func:`hpcflow.analysis.cost_entry`: wall and
   rank seconds, ranks, device, trajectories, ``seconds_per_trajectory_per_replica``,
   ``forces_per_trajectory`` = n_steps x forces_per_step + 1) and
@@ -257,6 +261,49 @@ def _ratio(ref, row) -> dict:
     return {"value": r, "error": r * math.hypot(da / a, db / b)}
 
 
+def hmc_at_length(rows, row, length: float) -> dict | None:
+    """tau_int(M) of HMC at trajectory length ``length``, interpolated between the HMC rows
+    of the same (L, beta, lambda) and integrator that bracket it (the trajectory-length
+    controls), linear in (log length, log tau_int):
+
+        log tau = (1 - w) log tau_1 + w log tau_2,   w = log(length / l_1) / log(l_2 / l_1),
+        d tau / tau = sqrt(((1 - w) d tau_1 / tau_1)^2 + (w d tau_2 / tau_2)^2)
+
+    (independent ensembles).  None when no pair of HMC lengths brackets ``length``; an HMC
+    row at exactly that length is returned as it is."""
+    hmc = sorted((r for r in rows if r["algorithm"] == "hmc" and _same_point(r, row)
+                  and r["integrator"] == row["integrator"] and r["length"]
+                  and r["tau_int"]["value"]), key=lambda r: r["length"])
+    for r in hmc:
+        if math.isclose(r["length"], length, rel_tol=1e-9):
+            return {"length": length, "tau_int": dict(r["tau_int"])}
+    for lo, hi in zip(hmc, hmc[1:]):
+        if lo["length"] < length < hi["length"]:
+            w = math.log(length / lo["length"]) / math.log(hi["length"] / lo["length"])
+            (t1, d1), (t2, d2) = ((r["tau_int"]["value"], r["tau_int"]["error"]) for r in (lo, hi))
+            tau = math.exp((1 - w) * math.log(t1) + w * math.log(t2))
+            rel = math.hypot((1 - w) * d1 / t1, w * d2 / t2)
+            return {"length": length, "tau_int": {"value": tau, "error": tau * rel},
+                    "between": [lo["length"], hi["length"]]}
+    return None
+
+
+def add_rescaling_control(rows, row):
+    """PHYSICS.md 5.1: for a linear generator phi = z / c FHMC at length tau is HMC at
+    tau / c.  With c = c_M (the flow's slow-mode scale), ``hmc_equivalent`` is HMC's
+    tau_int(M) at length tau / c_M (:func:`hmc_at_length`), and ``gain_beyond_rescaling`` =
+    hmc_equivalent / tau_int(M) of this row, the part of the gain that the rescaling of the
+    slow mode does not explain (1 within errors: the flow acts like a longer trajectory)."""
+    row["hmc_equivalent"], row["gain_beyond_rescaling"] = None, {"value": None, "error": None}
+    c = row["c_M"]["value"]
+    if row["algorithm"] != "fhmc" or not c or not row["length"]:
+        return
+    eq = hmc_at_length(rows, row, row["length"] / c)
+    row["hmc_equivalent"] = eq
+    if eq is not None and row["tau_int"]["value"]:
+        row["gain_beyond_rescaling"] = _ratio({"tau_int": eq["tau_int"]}, row)
+
+
 def _mul(*xs):
     return None if any(x is None for x in xs) else math.prod(xs)
 
@@ -296,6 +343,8 @@ def collect(dirs, bench: bool = True, bench_device: str = "cpu",
         if ref is not None:
             row["ratio"] = _ratio(ref, row)
             row["ratio_reference"] = ref["file"]
+    for row in rows:
+        add_rescaling_control(rows, row)
     flows = ForceBench(bench_device, repeats)
     for row in rows:
         add_costs(row, flows, bench)
@@ -348,8 +397,8 @@ def _g(v, fmt=".3g") -> str:
 
 
 COLUMNS = [("algorithm", 34), ("R x N", 11), ("steps", 5), ("acc", 5), ("flow acc", 8),
-           ("c_M", 10), ("tau_int(M)", 11), ("rel.err", 7), ("ratio", 10), ("F/traj", 6),
-           ("F cost", 6), ("tau*F*cost", 10), ("s/indep", 8)]
+           ("c_M", 10), ("tau_int(M)", 11), ("rel.err", 7), ("ratio", 10), ("HMC@tau/c_M", 11),
+           ("gain/resc", 9), ("F/traj", 6), ("F cost", 6), ("tau*F*cost", 10), ("s/indep", 8)]
 
 
 def table(rows) -> str:
@@ -376,6 +425,9 @@ def table(rows) -> str:
                  paren(r["c_M"]["value"], r["c_M"]["error"]), paren(t["value"], t["error"]),
                  f"{100 * t['error'] / t['value']:.1f}%" if t["value"] else "-",
                  paren(r["ratio"]["value"], r["ratio"]["error"]),
+                 (paren(r["hmc_equivalent"]["tau_int"]["value"], r["hmc_equivalent"]["tau_int"]["error"])
+                  if r.get("hmc_equivalent") else "-"),
+                 paren(r["gain_beyond_rescaling"]["value"], r["gain_beyond_rescaling"]["error"]),
                  _g(c.get("forces_per_trajectory"), "d"), _g(c.get("force_cost"), ".2f"),
                  _g(c.get("cost_hmc_forces"), ".4g"), _g(c.get("seconds_per_independent_sample"))]
         lines.append(" ".join(f"{s:<{w}s}" if i == 0 else f"{s:>{w}s}"
@@ -387,6 +439,9 @@ def table(rows) -> str:
     lines += [
         "tau_int(M) in trajectories (Gamma method, replicas about the overall mean); ratio = "
         "tau_int(reference HMC) / tau_int; c_M = std(M_z)/std(M)",
+        "HMC@tau/c_M = HMC's tau_int(M) at length tau/c_M, interpolated (log-log) between the "
+        "HMC length controls; gain/resc = that / tau_int: the gain the slow-mode rescaling "
+        "does not explain",
         "F/traj = force evaluations per trajectory; F cost = one force of the row's action in "
         "Phi4Action forces (measured here); tau*F*cost in Phi4 forces",
         "s/indep = 2 tau_int x rank-seconds per trajectory per replica, as recorded by the "
