@@ -61,8 +61,9 @@ ENSEMBLE_FILES = ("hmc.h5", "fhmc.h5")
 #: Version of the analysis output.  It is part of the cache key (:func:`cache_path`), so a
 #: cached analysis written by code whose results differ is never reused.  History:
 #: 1 (unversioned): per-replica means in the Gamma method (biased low);
-#: 2: overall mean (:func:`to_obs`), c_M, cost, input text.
-SCHEMA = 2
+#: 2: overall mean (:func:`to_obs`), c_M, cost, input text;
+#: 3: ``stability``, tau_int(M) from the first half of every replica.
+SCHEMA = 3
 
 
 @dataclass
@@ -176,6 +177,19 @@ def slow_mode_scale(e: Ensemble, p: dict):
     return np.sqrt((p["Mz2"] - p["Mz"] ** 2) / (p["M2"] - p["M"] ** 2))
 
 
+def first_half_tau(e: Ensemble, S: float) -> dict | None:
+    """tau_int(M) from the first half of every replica, beside the full one: PHYSICS.md 5.1
+    asks that tau_int be stable when the chains are doubled (the Gamma method is biased low
+    when a replica is short against tau_int).  None with fewer than 4 measurements."""
+    n = e.M.shape[1] // 2
+    if n < 2:
+        return None
+    o = to_obs(e.M[:, :n], e.name)
+    o.gamma_method(S=S)
+    return {"measurements": n, "M_tau_int": float(o.e_tauint[e.name]),
+            "M_tau_int_error": float(o.e_dtauint[e.name])}
+
+
 def forces_per_trajectory(steps: int, integrator: str) -> int | None:
     """Force evaluations per trajectory, n_steps x forces_per_step + 1 (the last kick of a
     step merged with the first of the next; :mod:`hpcflow.hmc`); None for an unknown scheme."""
@@ -277,6 +291,7 @@ def _derive(e, p, L, V, S, plateau_min):
         "plateau": [tmin, L // 2 - 1],
         "md": {"length": float(a["length"]), "steps": int(a["steps"]),
                "integrator": str(a["integrator"])},
+        "stability": first_half_tau(e, S),
         "c_M": ({"value": 1.0, "error": 0.0} if isinstance(c_M, float)
                 else entry(c_M, tau=False)),
         "cost": cost_entry(e),
