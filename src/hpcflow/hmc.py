@@ -100,14 +100,19 @@ def kinetic(pi: torch.Tensor) -> torch.Tensor:
 
 
 def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
-             integrator: Integrator, length: float, n_steps: int) -> tuple[HMCState, HMCInfo]:
+             integrator: Integrator, length: float, n_steps: int,
+             trajectory=None) -> tuple[HMCState, HMCInfo]:
     """One HMC trajectory for every chain of the batch.
 
     pi [B, L, L] are the fresh momenta, log_u [B] the logs of uniform numbers in (0, 1);
-    chain b accepts when log_u[b] < -dH[b], i.e. with probability min(1, exp(-dH))."""
-    eps = length / n_steps
-    phi_new, pi_new = integrator(state.phi, pi, action.force, eps, n_steps)
-    S_new = action.action(phi_new)
+    chain b accepts when log_u[b] < -dH[b], i.e. with probability min(1, exp(-dH)).
+    ``trajectory`` (phi, pi) -> (phi', pi', S(phi')) replaces the integration and the final
+    action when given: the fused, compiled form of the same (:mod:`hpcflow.fused`)."""
+    if trajectory is None:
+        phi_new, pi_new = integrator(state.phi, pi, action.force, length / n_steps, n_steps)
+        S_new = action.action(phi_new)
+    else:
+        phi_new, pi_new, S_new = trajectory(state.phi, pi)
     dH = (kinetic(pi_new) + S_new) - (kinetic(pi) + state.S)
     accepted = log_u < -dH
     keep = accepted.view(-1, *([1] * (state.phi.dim() - 1)))
