@@ -1,4 +1,3 @@
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -7,36 +6,57 @@ import torch
 torch.set_default_dtype(torch.float64)
 
 
+#: Defaults of every section the tests' inputs use; :func:`write_ini` merges overrides in.
+SECTION_DEFAULTS = {
+    "run": {"name": "t", "seed": 7, "stages": "hmc", "device": "cpu"},
+    "theory": {"L": 4, "beta": 0.5, "lambda": 0.5},
+    "hmc": {"replicas": 2, "trajectories": 20, "thermalization": 5, "length": 1.0, "steps": 5},
+    "coarse": {"beta": 0.5, "L": 4, "replicas": 4, "samples": 64, "eval_samples": 64,
+               "pilot": 200, "thermalization": 50},
+    "flow": {"prior": "gaussian", "kernel_size": 3, "layers": 1},
+    "train": {"iterations": 10, "batch_size": 32, "lr": 0.01, "metropolis": 64},
+    "fhmc": {"replicas": 2, "trajectories": 20, "steps": 5},
+    "analysis": {},
+}
+
+
+def ini_text(**sections) -> str:
+    """INI text from section dicts merged over :data:`SECTION_DEFAULTS`.
+
+    ``run`` and ``theory`` are always written; any other section only when given (``{}``
+    for its defaults).  A value None leaves the key out."""
+    sections = {"run": {}, "theory": {}, **sections}
+    lines = []
+    for name, defaults in SECTION_DEFAULTS.items():
+        if name not in sections:
+            continue
+        values = {**defaults, **sections[name]}
+        lines += [f"[{name}]"] + [f"{k} = {v}" for k, v in values.items() if v is not None] + [""]
+    return "\n".join(lines)
+
+
+def write_ini(directory: Path, file: str = "t.ini", **sections) -> Path:
+    """The one input builder of the tests: ``directory/file`` from :func:`ini_text`, with
+    ``[run] output`` = ``directory/out`` unless given."""
+    sections["run"] = {"output": directory / "out", **sections.get("run", {})}
+    path = directory / file
+    path.write_text(ini_text(**sections))
+    return path
+
+
 def write_input(directory: Path, name="t", *, stages="hmc", L=4, beta=0.5, lam=0.5,
                 replicas=2, trajectories=20, thermalization=5, steps=5, integrator="leapfrog",
                 save_every=5, seed=7, checkpoint_every=10, io="auto", extra="") -> Path:
-    """A small input file in ``directory`` whose output lies in ``directory/out``."""
-    text = textwrap.dedent(f"""\
-        [run]
-        name = {name}
-        output = {directory / 'out'}
-        seed = {seed}
-        stages = {stages}
-        device = cpu
-        io = {io}
-        checkpoint_every = {checkpoint_every}
-
-        [theory]
-        L = {L}
-        beta = {beta}
-        lambda = {lam}
-
-        [hmc]
-        replicas = {replicas}
-        trajectories = {trajectories}
-        thermalization = {thermalization}
-        length = 1.0
-        steps = {steps}
-        integrator = {integrator}
-        save_every = {save_every}
-        """) + extra
-    path = directory / f"{name}.ini"
-    path.write_text(text)
+    """A small HMC input ``directory/<name>.ini`` whose output lies in ``directory/out``."""
+    path = write_ini(directory, f"{name}.ini",
+                     run=dict(name=name, seed=seed, stages=stages, io=io,
+                              checkpoint_every=checkpoint_every),
+                     theory={"L": L, "beta": beta, "lambda": lam},
+                     hmc=dict(replicas=replicas, trajectories=trajectories,
+                              thermalization=thermalization, steps=steps, integrator=integrator,
+                              save_every=save_every))
+    if extra:
+        path.write_text(path.read_text() + extra)
     return path
 
 
@@ -57,6 +77,15 @@ def randomised(module, seed=0, std=0.3):
 
 @pytest.fixture
 def make_input(tmp_path):
+    """write_input in the test's tmp_path."""
     def make(**kw):
         return write_input(tmp_path, **kw)
+    return make
+
+
+@pytest.fixture
+def make_ini(tmp_path):
+    """write_ini in the test's tmp_path."""
+    def make(file="t.ini", **sections):
+        return write_ini(tmp_path, file, **sections)
     return make

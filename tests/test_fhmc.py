@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomised
+from conftest import randomised, write_ini
 from hpcflow import run
 from hpcflow.action import FlowedAction, Phi4Action
 from hpcflow.flows import Flow, IdentityFlow
@@ -67,48 +67,15 @@ def test_identity_flow_reproduces_hmc_step_for_step():
 
 def fhmc_input(tmp_path, *, L, beta, lam, replicas, trajectories, iterations, name="f",
                hmc=True, seed=5, steps=8):
-    text = f"""
-[run]
-name = {name}
-output = {tmp_path / name}
-seed = {seed}
-stages = {'hmc, ' if hmc else ''}train, fhmc, analysis
-device = cpu
-checkpoint_every = 500
-
-[theory]
-L = {L}
-beta = {beta}
-lambda = {lam}
-
-[hmc]
-replicas = {replicas}
-trajectories = {trajectories}
-thermalization = 50
-steps = {steps}
-integrator = leapfrog
-
-[flow]
-prior = gaussian
-kernel_size = 3
-layers = 1
-
-[train]
-iterations = {iterations}
-batch_size = 64
-lr = 0.01
-metropolis = 512
-
-[fhmc]
-replicas = {replicas}
-trajectories = {trajectories}
-thermalization = 50
-steps = {steps}
-integrator = leapfrog
-"""
-    path = tmp_path / f"{name}.ini"
-    path.write_text(text)
-    return path
+    """HMC (when ``hmc``), training and FHMC of the minimal flow, then the analysis;
+    output ``tmp_path/<name>``."""
+    chains = dict(replicas=replicas, trajectories=trajectories, thermalization=50, steps=steps)
+    return write_ini(tmp_path, f"{name}.ini",
+                     run=dict(name=name, output=tmp_path / name, seed=seed, checkpoint_every=500,
+                              stages=f"{'hmc, ' if hmc else ''}train, fhmc, analysis"),
+                     theory={"L": L, "beta": beta, "lambda": lam},
+                     hmc=chains, flow={}, fhmc=chains,
+                     train=dict(iterations=iterations, batch_size=64, lr=0.01, metropolis=512))
 
 
 def results(d):

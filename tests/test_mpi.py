@@ -175,3 +175,21 @@ def test_resume_of_a_file_without_cost_under_mpi(mpi_tmp_path):
         assert np.isnan(b["observables/Mz"][:, :10]).all()
         assert (b["cost/first_trajectory"][0], b["cost/ranks"][0], b["cost/segments"][0]) == (12, 2, 1)
     comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_fewer_replicas_than_ranks_exits_2_and_writes_no_ensemble(mpi_tmp_path, capsys):
+    from hpcflow import run
+
+    comm, (d,) = mpi_dirs(mpi_tmp_path, "few")
+    if comm.Get_rank() == 0:
+        write_input(d, replicas=1)
+    comm.Barrier()
+    assert run.main([str(d / "t.ini")]) == 2  # on every rank
+    err = capsys.readouterr().err
+    if comm.Get_rank() == 0:
+        assert "1 replicas cannot be spread over 2 MPI ranks" in err
+        assert not (d / "out" / "hmc.h5").exists()
+    else:
+        assert err == ""  # only rank 0 reports
+    comm.Barrier()

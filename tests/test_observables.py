@@ -45,9 +45,13 @@ def test_g_pmin_direct_sum(phi):
         assert g[b] == pytest.approx((g1 + g2) / 2, rel=1e-12)
 
 
-def test_g0_is_V_M2(phi):
-    """|phi(p=0)|^2 / V = V M^2: the identity that xi2 in the analysis relies on."""
-    V = 36
-    M = observables.magnetization(phi)
-    G0 = phi.flatten(1).sum(1) ** 2 / V
-    torch.testing.assert_close(G0, V * M**2)
+def test_momentum_space_G_by_the_2d_transform(phi):
+    """G(p) = |phi(p)|^2 / V from the full 2D FFT: at p = 0 it is V M^2 (what the analysis
+    takes for G(0) in xi2), at p_min the mean over both directions is g_pmin; the two share
+    one normalisation, so xi2 = sqrt((G(0)/G(p_min) - 1) / (4 sin^2(pi/L))) is right."""
+    L, V = 6, 36
+    G = torch.fft.fft2(phi).abs() ** 2 / V                      # [B, L, L], p = 2 pi n / L
+    torch.testing.assert_close(G[:, 0, 0], V * observables.magnetization(phi) ** 2)
+    torch.testing.assert_close(0.5 * (G[:, 1, 0] + G[:, 0, 1]), observables.g_pmin(phi))
+    torch.testing.assert_close(G[:, 1, 0], G[:, L - 1, 0])      # p and -p: real field
+    assert not torch.allclose(G[:, 1, 0], G[:, 0, 1])           # the directions do differ

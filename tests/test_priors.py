@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_ini
 from hpcflow import config, run
 from hpcflow.action import Phi4Action
 from hpcflow.config import ConfigError
@@ -84,48 +85,12 @@ def test_fresh_proposals_use_each_held_out_configuration_once():
     assert torch.equal(phi, torch.from_numpy(held)) and torch.equal(log_r, -COARSE.action(phi))
 
 
-STUDY = """
-[run]
-name = c
-output = {out}
-seed = 3
-stages = coarse, train, fhmc, analysis
-device = cpu
-
-[theory]
-L = {L}
-beta = 0.6
-lambda = 0.5
-
-[coarse]
-beta = 0.5
-L = {Lc}
-replicas = 4
-samples = 64
-eval_samples = 64
-pilot = 200
-thermalization = 50
-{extra}
-
-[flow]
-prior = {prior}
-
-[train]
-iterations = 10
-batch_size = 32
-metropolis = 64
-
-[fhmc]
-replicas = 2
-trajectories = 20
-steps = 5
-"""
-
-
-def study_input(tmp_path, prior="coarse-interleave", L=8, Lc=4, extra=""):
-    path = tmp_path / "c.ini"
-    path.write_text(STUDY.format(out=tmp_path / "out", L=L, Lc=Lc, prior=prior, extra=extra))
-    return path
+def study_input(tmp_path, prior="coarse-interleave", L=8, Lc=4, **coarse):
+    """The coarse pipeline: coarse, train, fhmc, analysis; output ``tmp_path/out``."""
+    return write_ini(tmp_path, "c.ini",
+                     run=dict(name="c", seed=3, stages="coarse, train, fhmc, analysis"),
+                     theory={"L": L, "beta": 0.6, "lambda": 0.5},
+                     coarse=dict(L=Lc, **coarse), flow=dict(prior=prior), train={}, fhmc={})
 
 
 def test_odd_L_and_wrong_coarse_L_refused_at_input_time(tmp_path):
@@ -138,6 +103,7 @@ def test_odd_L_and_wrong_coarse_L_refused_at_input_time(tmp_path):
 
 
 @pytest.mark.parametrize("prior, Lc", [("coarse-interleave", 4), ("coarse-volume", 8)])
+@pytest.mark.slow
 def test_coarse_pipeline_end_to_end(tmp_path, capsys, prior, Lc):
     path = study_input(tmp_path, prior=prior, Lc=Lc)
     assert run.main([str(path)]) == 0
@@ -162,7 +128,7 @@ def test_coarse_pipeline_end_to_end(tmp_path, capsys, prior, Lc):
 
 
 def test_configured_spacing_below_two_tau_warns(tmp_path, capsys):
-    path = study_input(tmp_path, extra="spacing = 1")
+    path = study_input(tmp_path, spacing=1)
     path.write_text(path.read_text().replace("stages = coarse, train, fhmc, analysis", "stages = coarse"))
     assert run.main([str(path)]) == 0
     assert "WARNING: [coarse] spacing = 1 is below 2 tau_int(M)" in capsys.readouterr().out

@@ -128,13 +128,42 @@ def test_io_paths_give_the_same_file(make_input, tmp_path):
     assert {k for k in attrs_a if k not in ("input", "input_path")} == set(attrs_b) - {"input", "input_path"}
 
 
-def test_replicas_fewer_than_ranks_is_refused():
-    from hpcflow.parallel import replica_block
+def test_replica_blocks_partition_the_replicas():
+    from hpcflow.rng import replica_block
 
     blocks = [replica_block(10, 4, r) for r in range(4)]
     assert [len(b) for b in blocks] == [3, 3, 2, 2]
     assert [b.start for b in blocks] == [0, 3, 6, 8]
     assert sum(len(b) for b in blocks) == 10
+
+
+class _Comm:
+    """A stand-in communicator of ``size`` ranks, for the checks made before any message."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def Get_size(self):
+        return self.size
+
+    def Get_rank(self):
+        return 0
+
+
+def test_replicas_fewer_than_ranks_is_refused(make_input, tmp_path):
+    """3 replicas over 4 ranks: refused before any file is touched (the 2-rank run in
+    test_mpi.py checks the driver's exit status on real ranks)."""
+    from hpcflow import config
+    from hpcflow.action import Phi4Action
+    from hpcflow.errors import StageError
+    from hpcflow.parallel import World
+    from hpcflow.production import ChainSpec, produce
+
+    cfg = config.load(make_input(replicas=3))
+    spec = ChainSpec("hmc", "hmc", Phi4Action(0.5, 0.5), "hmc")
+    with pytest.raises(StageError, match=r"\[hmc\] replicas: 3 replicas cannot be spread over 4 MPI ranks"):
+        produce(cfg, World(_Comm(4), "cpu"), cfg.hmc, spec, tmp_path / "out" / "hmc.h5")
+    assert not (tmp_path / "out").exists()
 
 
 def test_analysis_cli_json_and_pyerrors_file(make_input, tmp_path, capsys):

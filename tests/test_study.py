@@ -22,6 +22,7 @@ def runs(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_table_rows_and_ratio(runs, capsys, tmp_path):
     assert study.main([str(runs / "k3"), str(runs / "k5"), "--json", str(tmp_path / "s.json"),
                        "--csv", str(tmp_path / "s.csv"), "--png", str(tmp_path / "acc.png")]) == 0
@@ -61,6 +62,7 @@ def test_no_runs_is_an_error(tmp_path):
     assert study.main([str(tmp_path)]) == 2
 
 
+@pytest.mark.slow
 def test_no_bench_skips_the_force_cost(runs, capsys):
     rows = study.collect([runs / "k3"], bench=False)
     assert [r["cost"]["force_cost"] for r in rows] == [1.0, None]

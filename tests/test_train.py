@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_ini
 from hpcflow import config, run
 from hpcflow.action import Phi4Action
 from hpcflow.flows import FAMILY, Flow
@@ -45,35 +46,13 @@ def test_loss_is_kl_for_the_identity_flow():
 
 def train_input(tmp_path, *, L=8, beta=0.25, lam=0.0, iterations=200, lr=0.02, batch=128,
                 kernel=3, layers=1, hidden="", ckpt=100, name="tr", stages="train"):
-    text = f"""
-[run]
-name = {name}
-output = {tmp_path / name}
-seed = 99
-stages = {stages}
-device = cpu
-
-[theory]
-L = {L}
-beta = {beta}
-lambda = {lam}
-
-[flow]
-prior = gaussian
-kernel_size = {kernel}
-layers = {layers}
-hidden = {hidden}
-
-[train]
-iterations = {iterations}
-batch_size = {batch}
-lr = {lr}
-metropolis = 2048
-checkpoint_every = {ckpt}
-"""
-    path = tmp_path / f"{name}.ini"
-    path.write_text(text)
-    return path
+    """A training input ``tmp_path/<name>.ini`` whose output is ``tmp_path/<name>``."""
+    return write_ini(tmp_path, f"{name}.ini",
+                     run=dict(name=name, output=tmp_path / name, seed=99, stages=stages),
+                     theory={"L": L, "beta": beta, "lambda": lam},
+                     flow=dict(kernel_size=kernel, layers=layers, hidden=hidden),
+                     train=dict(iterations=iterations, batch_size=batch, lr=lr, metropolis=2048,
+                                checkpoint_every=ckpt))
 
 
 @pytest.mark.slow

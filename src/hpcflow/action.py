@@ -37,7 +37,24 @@ def neighbour_sum(phi: torch.Tensor) -> torch.Tensor:
 
 
 class Phi4Action:
-    """Lattice phi^4 action with hopping coupling ``beta`` and quartic coupling ``lam``."""
+    """The lattice phi^4 action (PHYSICS.md section 1) and its analytic force.
+
+    S(phi) = sum_x [ -beta sum_{mu=1,2} phi_x phi_{x+mu} + phi_x^2 + lam (phi_x^2 - 1)^2 ],
+    F = -dS/dphi, on a batch phi [B, L, L] (any L0 x L1, periodic).
+
+    Parameters
+    ----------
+    beta : float
+        Hopping coupling.
+    lam : float
+        Quartic coupling lambda (0: the free field, stable for beta < 1/2).
+
+    Examples
+    --------
+    >>> action = Phi4Action(beta=0.576, lam=0.5)
+    >>> phi = torch.zeros(2, 8, 8, dtype=torch.float64)
+    >>> action.action(phi), action.force(phi).shape      # S = V lam per chain; [2, 8, 8]
+    """
 
     def __init__(self, beta: float, lam: float):
         self.beta = float(beta)
@@ -53,15 +70,29 @@ class Phi4Action:
         return -self.beta * phi * forward + phi2 + self.lam * (phi2 - 1.0) ** 2
 
     def action(self, phi: torch.Tensor) -> torch.Tensor:
+        """S of each configuration, [B]."""
         return self.density(phi).flatten(-2).sum(-1)
 
     def force(self, phi: torch.Tensor) -> torch.Tensor:
+        """F = -dS/dphi, [B, L, L]."""
         return (self.beta * neighbour_sum(phi) - 2.0 * phi
                 - 4.0 * self.lam * phi * (phi * phi - 1.0))
 
 
 class FlowedAction:
-    """The action of the flow's latent variables z (Luscher's trivializing map):
+    """The action of the flow's latent variables z (Luscher's trivializing map).
+
+    Parameters
+    ----------
+    target : object
+        The target action (``action``, ``force``), e.g. :class:`Phi4Action`.
+    flow : torch.nn.Module
+        Any module with ``inverse(z) -> (phi, log|det dg/dz|)``, e.g. :class:`hpcflow.Flow`;
+        a snapshot is taken, the module itself is neither kept nor modified.
+
+    Notes
+    -----
+    The flowed action is
 
         S~(z) = S(g(z)) - log|det dg/dz|,        g = f^-1 the generator.
 
@@ -98,11 +129,13 @@ class FlowedAction:
         return (self.flow.inverse if self.frozen is None else self.frozen.inverse)(z)
 
     def action(self, z: torch.Tensor) -> torch.Tensor:
+        """S~(z) = S(g(z)) - log|det dg/dz|, [B]."""
         with torch.no_grad():
             phi, logdet = self._generate(z)
             return self.target.action(phi) - logdet
 
     def force(self, z: torch.Tensor) -> torch.Tensor:
+        """F~ = -dS~/dz, [B, L, L] (analytic pullback; autograd for flows without one)."""
         if self.frozen is None:
             return self.force_autograd(z)
         with torch.no_grad():

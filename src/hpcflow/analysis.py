@@ -20,10 +20,13 @@ Observables (PHYSICS.md section 2), V = L^2:
 - M, |M|, M^2 (primary: tau_int quoted), chi = V <M^2>;
 - xi2, the second-moment correlation length sqrt((G(0)/G(p_min) - 1) / (4 sin^2(pi/L)))
   with G(0) = V <M^2>;
-- xi = 1/m, m the weighted mean over the plateau t_min <= t < L/2 of the effective mass
-  m_eff(t) = arccosh[(C(t-1) + C(t+1)) / (2 C(t))] of the connected correlator
-  C(t) - L <M>^2 (exact for a single cosh on the periodic lattice); the weights 1/dm_eff^2
-  are fixed numbers, so the error propagates exactly;
+- xi = 1/m, m the plateau of the effective mass m_eff(t) = arccosh[(C(t-1) + C(t+1)) /
+  (2 C(t))] of the connected correlator C(t) - L <M>^2 (exact for a single cosh on the
+  periodic lattice) over t_min <= t < L/2: ``pyerrors.Corr(C).m_eff("arccosh")`` with its
+  errors from the Gamma method at the configured S, then ``Corr.plateau(method="fit")``, an
+  uncorrelated constant fit, i.e. the mean weighted by 1/dm_eff^2 with the weights held
+  fixed in the error propagation (as before analysis schema 3, which weighted with errors at
+  S = 2 whatever S was set; a plateau of one point is that point);
 - c_M = std(M_z) / std(M) = sqrt((<M_z^2> - <M_z>^2) / (<M^2> - <M>^2)), the slow-mode
   scale of a flow (PHYSICS.md section 5.1), M_z the lattice mean of the chain variable z
   (``/observables/Mz``; M_z = M for HMC, so c_M = 1 exactly); None for files without Mz.
@@ -37,6 +40,11 @@ timing covers count, see ``/cost/first_trajectory``), and force evaluations per
 trajectory n_steps x forces_per_step + 1 (:class:`hpcflow.hmc.Integrator`, merged kicks).
 None for files without the cost datasets.
 
+Which per-trajectory records are read and which series are made into Obs is the table
+:data:`hpcflow.observables.OBSERVABLES`; files are read by :func:`hpcflow.store.load_ensemble`.
+Without a file, :func:`analyse` takes numpy arrays (M [replicas, measurements], and C, Gp,
+dH, accepted, Mz when there are) and returns the same JSON dict and the Obs.
+
 Output: a table, or with ``--json`` the JSON of DESIGN.md section 4 (one object per
 ensemble; a list when a directory holds several), which also carries ``"c_M"``,
 ``"cost"``, the ensemble's ``"input"`` text and ``"hpcflow_version"``.  Alongside each
@@ -47,70 +55,53 @@ ensemble the primary Obs are written as a pyerrors JSON file ``<stage>.obs.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-ENSEMBLE_FILES = ("hmc.h5", "fhmc.h5")
+from . import log as log_mod
+from .hmc import INTEGRATORS
+from .log import logger
+from .observables import OBSERVABLES
+from .stages import ENSEMBLE_FILES
+from .store import Ensemble, load_ensemble
 
 #: Version of the analysis output.  It is part of the cache key (:func:`cache_path`), so a
 #: cached analysis written by code whose results differ is never reused.  History:
 #: 1 (unversioned): per-replica means in the Gamma method (biased low);
 #: 2: overall mean (:func:`to_obs`), c_M, cost, input text;
-#: 3: ``stability``, tau_int(M) from the first half of every replica.
-SCHEMA = 3
+#: 3: ``stability``, tau_int(M) from the first half of every replica;
+#: 4: m_eff and its plateau from ``pyerrors.Corr`` (errors of m_eff, and so the plateau
+#:    weights, at the configured S instead of S = 2).
+SCHEMA = 4
 
-
-@dataclass
-class Ensemble:
-    """The measured part of an ensemble file, as numpy arrays [replicas, measurements, ...]."""
-
-    path: Path
-    attrs: dict
-    M: np.ndarray
-    C: np.ndarray
-    Gp: np.ndarray
-    dH: np.ndarray
-    accepted: np.ndarray
-    Mz: np.ndarray | None = None  # magnetization of the chain variable (None: not stored)
-    cost: dict | None = None      # raw /cost datasets and the trajectory counter (None: absent)
-
-    @property
-    def name(self) -> str:
-        return f"{self.attrs.get('name', 'run')}_{self.attrs['stage']}"
-
-    @property
-    def L(self) -> int:
-        return int(self.attrs["L"])
-
-
-def load(path) -> Ensemble:
-    """Read the measured rows of an ensemble file (older files without ``/observables/Mz``
-    or ``/cost`` load with ``Mz`` or ``cost`` None; so does an Mz with unmeasured (NaN)
-    rows, as left by a run begun before Mz was stored and resumed after)."""
-    from .store import measured, read_cost
-
-    path = Path(path)
-    with h5py.File(path, "r") as f:
-        n = measured(f)
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-        Mz = f["observables/Mz"][:, :n] if "observables/Mz" in f else None
-        if Mz is not None and not np.isfinite(Mz).all():
-            Mz = None
-        return Ensemble(path, attrs, f["observables/M"][:, :n], f["observables/C"][:, :n],
-                        f["observables/Gp"][:, :n], f["mc/dH"][:, :n],
-                        f["mc/accepted"][:, :n].astype(bool), Mz, read_cost(f))
+#: Former name of :func:`hpcflow.store.load_ensemble`.
+load = load_ensemble
 
 
 def to_obs(data, ens_name: str):
     """One pyerrors Obs of the ensemble ``ens_name`` from per-replica series ``data`` [R, n].
 
-    Replica r is ``"<ens_name>|r<r:03d>"``.  The fluctuations of every replica are taken
+    Parameters
+    ----------
+    data : array_like
+        [replicas, measurements], one row per independent chain.
+    ens_name : str
+        The pyerrors ensemble name; replica r is ``"<ens_name>|r<r:03d>"``.
+
+    Returns
+    -------
+    pyerrors.Obs
+        Call ``gamma_method()`` on it (or on what is derived from it) for errors and
+        ``e_tauint[ens_name]``.
+
+    Notes
+    -----  The fluctuations of every replica are taken
     about the overall mean m = (1/(R n)) sum_{r,i} x_{r,i}, as in Wolff's UWerr
     (U. Wolff, Comput. Phys. Commun. 156 (2004) 143, section 3.3; PHYSICS.md section 7):
 
@@ -139,6 +130,18 @@ def to_obs(data, ens_name: str):
 def recentre(o):
     """``o`` with every replica's fluctuations taken about the overall value again.
 
+    Parameters
+    ----------
+    o : pyerrors.Obs
+        An Obs as loaded from ``<stage>.obs.json.gz`` by ``pyerrors.input.json.load_json``.
+
+    Returns
+    -------
+    pyerrors.Obs
+
+    Notes
+    -----
+
     pyerrors' JSON reader (``pe.input.json.load_json``) re-centres each replica's deltas on
     that replica's own mean (r_value_r = value + mean_r(deltas)), which turns an Obs of
     :func:`to_obs` into the plain, biased one; this undoes it exactly:
@@ -155,15 +158,18 @@ def recentre(o):
 
 
 def primary_obs(e: Ensemble) -> dict:
-    """The per-trajectory Obs: M, absM, M2, Gp, C(t) for t = 0..L/2, exp(-dH), and when the
-    file has it Mz, Mz2 (the chain variable's magnetization and its square)."""
-    ens = e.name
-    out = {"M": to_obs(e.M, ens), "absM": to_obs(np.abs(e.M), ens), "M2": to_obs(e.M**2, ens),
-           "Gp": to_obs(e.Gp, ens), "exp_mdH": to_obs(np.exp(-e.dH), ens)}
-    for t in range(e.C.shape[-1]):
-        out[f"C{t}"] = to_obs(e.C[..., t], ens)
-    if e.Mz is not None and not np.array_equal(e.Mz, e.M):
-        out["Mz"], out["Mz2"] = to_obs(e.Mz, ens), to_obs(e.Mz**2, ens)
+    """The per-trajectory Obs, the series of :data:`hpcflow.observables.OBSERVABLES`:
+    M, absM, M2, Mz, Mz2, C(t) for t = 0..L/2, Gp, exp(-dH); records the ensemble lacks are
+    left out, and so are Mz, Mz2 when Mz is M (HMC: the chain variable is the field)."""
+    out = {}
+    for o in OBSERVABLES:
+        x = e.data.get(o.name)
+        if o.series is None or x is None:
+            continue
+        if o.name == "Mz" and np.array_equal(x, e.data.get("M")):
+            continue
+        for key, series in o.series(x).items():
+            out[key] = to_obs(series, e.name)
     return out
 
 
@@ -193,8 +199,6 @@ def first_half_tau(e: Ensemble, S: float) -> dict | None:
 def forces_per_trajectory(steps: int, integrator: str) -> int | None:
     """Force evaluations per trajectory, n_steps x forces_per_step + 1 (the last kick of a
     step merged with the first of the next; :mod:`hpcflow.hmc`); None for an unknown scheme."""
-    from .hmc import INTEGRATORS
-
     scheme = INTEGRATORS.get(str(integrator))
     return int(steps) * scheme.forces_per_step + 1 if scheme is not None else None
 
@@ -215,32 +219,59 @@ def cost_entry(e: Ensemble) -> dict | None:
             "forces_per_trajectory": forces_per_trajectory(a["steps"], a["integrator"])}
 
 
-def effective_mass(C: list, tmin: int):
-    """m_eff(t) for 1 <= t < len(C) - 1 as Obs (None where the cosh ratio is <= 1), and the
-    plateau mean over t >= tmin weighted by 1/dm^2 (None if no point qualifies)."""
-    meff = {}
-    for t in range(1, len(C) - 1):
-        ratio = (C[t - 1] + C[t + 1]) / (2 * C[t])
-        if ratio.value > 1:
-            m = np.arccosh(ratio)
-            m.gamma_method()
-            meff[t] = m if m.dvalue > 0 and np.isfinite(m.dvalue) else None
-        else:
-            meff[t] = None
-    points = [(t, m) for t, m in meff.items() if t >= tmin and m is not None]
+def effective_mass(C: list, tmin: int, S: float = 2.0):
+    """The effective mass and its plateau, with pyerrors' correlator class.
+
+    Parameters
+    ----------
+    C : list of pyerrors.Obs
+        The connected correlator C(t), t = 0 .. len(C) - 1 (t <= L/2: symmetrised).
+    tmin : int
+        First t of the plateau; it ends at len(C) - 2 (= L/2 - 1).
+    S : float
+        Wolff's S for the errors of m_eff (which weight the plateau).
+
+    Returns
+    -------
+    (dict, pyerrors.Obs or None)
+        m_eff(t) for 1 <= t < len(C) - 1 from ``pyerrors.Corr(C).m_eff("arccosh")``, None
+        where the cosh ratio is <= 1 or the error is not positive and finite; and the
+        plateau over t >= tmin from ``Corr.plateau(method="fit")`` (a constant fit with
+        weights 1/dm^2: the weighted mean) over those points, the point itself when only one
+        qualifies, None when none does.
+    """
+    import pyerrors as pe
+
+    n = len(C)
+    meff = {t: None for t in range(1, n - 1)}
+    try:
+        with np.errstate(invalid="ignore"):  # arccosh of a ratio < 1: NaN, made None by Corr
+            corr = pe.Corr(list(C)).m_eff(variant="arccosh")
+    except ValueError:  # undefined at every t
+        return meff, None
+    corr.gamma_method(S=S)
+    for t in meff:
+        m = corr.content[t][0] if corr.content[t] is not None else None
+        if m is not None and m.value > 0 and m.dvalue > 0 and np.isfinite(m.dvalue):
+            meff[t] = m
+    points = [t for t, m in meff.items() if t >= tmin and m is not None]
     if not points:
         return meff, None
-    weights = np.array([1 / m.dvalue**2 for _, m in points])
-    weights /= weights.sum()
-    plateau = sum(w * m for w, (_, m) in zip(weights, points))
+    if len(points) == 1:
+        return meff, meff[points[0]]
+    kept = pe.Corr([meff.get(t) for t in range(n)])
+    with contextlib.redirect_stdout(io.StringIO()):  # the fit prints its summary
+        plateau = kept.plateau([tmin, n - 2], method="fit")
     return meff, plateau
 
 
-def analyse(e: Ensemble, S: float = 2.0, plateau_min: int = 0) -> dict:
-    """All observables with errors; returns {'json': ..., 'obs': {name: Obs}, 'meff': ...}."""
+def analyse_ensemble(e: Ensemble, S: float = 2.0, plateau_min: int = 0) -> dict:
+    """All observables of an ensemble with errors: {'json': the analysis JSON, 'obs':
+    {name: pyerrors.Obs}}."""
     L, V = e.L, e.L**2
     if e.M.shape[1] < 2:
-        raise ValueError(f"{e.path}: fewer than 2 measurements per replica, nothing to analyse")
+        where = e.path if e.path is not None else e.name
+        raise ValueError(f"{where}: fewer than 2 measurements per replica, nothing to analyse")
     p = primary_obs(e)
     # to_obs gives every replica the overall mean as its value, so derived observables are
     # evaluated only there; the errstate guards the remaining degenerate cases (a zero
@@ -249,14 +280,72 @@ def analyse(e: Ensemble, S: float = 2.0, plateau_min: int = 0) -> dict:
         return _derive(e, p, L, V, S, plateau_min)
 
 
+def analyse(arrays, L: int | None = None, *, S: float = 2.0, plateau_min: int = 0,
+            name: str = "hpcflow", attrs: dict | None = None) -> tuple[dict, dict]:
+    """The Gamma-method analysis of measurements given as numpy arrays, without a file.
+
+    Parameters
+    ----------
+    arrays : mapping or Ensemble
+        ``{"M": [replicas, measurements], ...}``: M is needed; ``C`` [R, N, L/2+1] (for
+        m_eff and xi), ``Gp`` (xi2), ``dH`` (exp_mdH), ``accepted`` (acceptance) and ``Mz``
+        (c_M) are used when given (the records of :data:`hpcflow.observables.OBSERVABLES`).
+        An :class:`hpcflow.store.Ensemble` (:func:`hpcflow.store.load_ensemble`) is taken
+        as it is.
+    L : int
+        The lattice extent (V = L^2 for chi and xi2; the plateau starts at L/4).  Not
+        needed for an Ensemble.
+    S : float
+        Wolff's S of the automatic window (pyerrors' default 2).
+    plateau_min : int
+        First t of the m_eff plateau; 0 = L/4.
+    name : str
+        The pyerrors ensemble name of the Obs.
+    attrs : dict, optional
+        Extra information for the JSON (``beta``, ``lambda``, ``algorithm``, ...).
+
+    Returns
+    -------
+    (dict, dict)
+        The analysis JSON (as ``python -m hpcflow.analysis --json`` prints it; keys the
+        arrays cannot give are None) and {name: pyerrors.Obs} (M, absM, M2, chi, xi, m,
+        xi2, ...), their ``gamma_method`` already applied with S.
+
+    Examples
+    --------
+    >>> js, obs = analyse({"M": M}, L=8)      # M: numpy array [replicas, measurements]
+    >>> js["observables"]["chi"]["value"], obs["M"].e_tauint["hpcflow"]
+    """
+    if isinstance(arrays, Ensemble):
+        e = arrays
+    else:
+        if L is None:
+            raise ValueError("analyse: L is needed (V = L^2)")
+        known = {o.name for o in OBSERVABLES}
+        unknown = set(arrays) - known
+        if unknown:
+            raise ValueError(f"analyse: unknown arrays {sorted(unknown)}; known: {sorted(known)}")
+        data = {o.name: (None if arrays.get(o.name) is None else o.read(np.asarray(arrays[o.name])))
+                for o in OBSERVABLES}
+        if data["M"] is None:
+            raise ValueError("analyse: the magnetization M [replicas, measurements] is needed")
+        e = Ensemble(None, {**(attrs or {}), "L": int(L)}, data, ens_name=name)
+    r = analyse_ensemble(e, S=S, plateau_min=plateau_min)
+    return r["json"], r["obs"]
+
+
 def _derive(e, p, L, V, S, plateau_min):
     chi = V * p["M2"]
     G0 = V * p["M2"]
-    xi2_sq = (G0 / p["Gp"] - 1) / (4 * math.sin(math.pi / L) ** 2)
-    xi2 = np.sqrt(xi2_sq) if xi2_sq.value > 0 else None
-    C_conn = [p[f"C{t}"] - L * p["M"] ** 2 for t in range(e.C.shape[-1])]
+    xi2 = None
+    if "Gp" in p:
+        xi2_sq = (G0 / p["Gp"] - 1) / (4 * math.sin(math.pi / L) ** 2)
+        xi2 = np.sqrt(xi2_sq) if xi2_sq.value > 0 else None
     tmin = plateau_min or max(1, L // 4)
-    meff, m_plateau = effective_mass(C_conn, tmin)
+    meff, m_plateau = {}, None
+    if e.data.get("C") is not None:
+        C_conn = [p[f"C{t}"] - L * p["M"] ** 2 for t in range(e.C.shape[-1])]
+        meff, m_plateau = effective_mass(C_conn, tmin, S)
     xi = 1 / m_plateau if m_plateau is not None else None
 
     c_M = slow_mode_scale(e, p)
@@ -277,25 +366,29 @@ def _derive(e, p, L, V, S, plateau_min):
         return d
 
     a = e.attrs
+    accepted = e.data.get("accepted")
     result = {
-        "L": L, "beta": float(a["beta"]), "lambda": float(a["lambda"]),
-        "algorithm": str(a["algorithm"]), "replicas": int(e.M.shape[0]),
-        "measurements": int(e.M.shape[1]), "acceptance": float(e.accepted.mean()),
+        "L": L, "beta": _num(a.get("beta")), "lambda": _num(a.get("lambda")),
+        "algorithm": _str(a.get("algorithm")), "replicas": int(e.M.shape[0]),
+        "measurements": int(e.M.shape[1]),
+        "acceptance": float(accepted.mean()) if accepted is not None else None,
         "observables": {
             "M": entry(p["M"]), "absM": entry(p["absM"]), "M2": entry(p["M2"]),
             "chi": entry(chi), "xi": entry(xi, tau=False),
-            "xi2": entry(xi2, tau=False), "exp_mdH": entry(p["exp_mdH"]),
+            "xi2": entry(xi2, tau=False),
+            **({"exp_mdH": entry(p["exp_mdH"])} if "exp_mdH" in p else {}),
             **({"Mz": entry(p["Mz"])} if "Mz" in p else {}),
         },
         "meff": {str(t): entry(m, tau=False) for t, m in meff.items()},
         "plateau": [tmin, L // 2 - 1],
-        "md": {"length": float(a["length"]), "steps": int(a["steps"]),
-               "integrator": str(a["integrator"])},
+        "md": ({"length": float(a["length"]), "steps": int(a["steps"]),
+                "integrator": str(a["integrator"])} if "steps" in a else None),
         "stability": first_half_tau(e, S),
         "c_M": ({"value": 1.0, "error": 0.0} if isinstance(c_M, float)
                 else entry(c_M, tau=False)),
         "cost": cost_entry(e),
-        "stage": str(a["stage"]), "file": str(e.path), "S": S, "schema": SCHEMA,
+        "stage": _str(a.get("stage")), "file": None if e.path is None else str(e.path),
+        "S": S, "schema": SCHEMA,
         "hpcflow_version": str(a.get("hpcflow_version", "")), "input": str(a.get("input", "")),
     }
     if "flow_prior" in a:
@@ -304,6 +397,10 @@ def _derive(e, p, L, V, S, plateau_min):
     obs = {**{k: p[k] for k in ("M", "absM", "M2", "Gp", "exp_mdH", "Mz", "Mz2") if k in p},
            **{k: v for k, v in derived.items() if v is not None}}
     return {"json": result, "obs": obs}
+
+
+def _str(v):
+    return None if v is None else str(v)
 
 
 def _num(v):
@@ -414,10 +511,12 @@ def run(target, S: float = 2.0, plateau_min: int = 0, write: bool = True) -> lis
     for path in find_ensembles(target):
         cached = _cached(Path(path), S, plateau_min)
         if cached is not None:
+            logger.debug(f"[analysis] {path}: cached analysis {cache_path(Path(path))} reused")
             results.append(cached)
             continue
-        e = load(path)
-        r = analyse(e, S=S, plateau_min=plateau_min)
+        e = load_ensemble(path)
+        logger.debug(f"[analysis] analysing {path}")
+        r = analyse_ensemble(e, S=S, plateau_min=plateau_min)
         if write:
             r["json"]["obs_file"] = str(write_obs(r, e))
             cache_path(e.path).write_text(json.dumps(
@@ -432,7 +531,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--S", type=float, default=2.0, help="Gamma-method window parameter (default 2)")
     ap.add_argument("--plateau-min", type=int, default=0, help="first t of the m_eff plateau (0 = L/4)")
+    log_mod.add_arguments(ap)
     args = ap.parse_args(argv)
+    log_mod.configure(0, args.quiet, args.verbose, stream="stderr")
     if not Path(args.target).exists():
         print(f"error: {args.target}: no such file or directory", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ import torch
 from . import __version__
 from .action import Phi4Action
 from .hmc import INTEGRATORS, hmc_step, init_state
-from .parallel import ReplicaStreams
+from .rng import ReplicaStreams
 
 
 def _sync(device):

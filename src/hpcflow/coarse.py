@@ -24,7 +24,8 @@ settings reuses it, one with other settings is refused unless ``--force``.
 
 Of the stored configurations, ordered by trajectory then replica, the first ``samples``
 are the training pool and the next ``eval_samples`` are held out: the flow acceptance is
-measured on those alone, each used once.
+measured on those alone, each used once (:func:`hpcflow.store.load_samples` reads them; the
+paths are those of :mod:`hpcflow.stages`).
 """
 
 from __future__ import annotations
@@ -36,13 +37,12 @@ from pathlib import Path
 import h5py
 
 from .action import Phi4Action
+from .analysis import to_obs
 from .config import HMCConfig, TheoryConfig
-from .production import ChainSpec, log, produce
-from .store import StageError
-
-
-def coarse_path(cfg) -> Path:
-    return Path(cfg.coarse.file) if cfg.coarse.file else cfg.output / "coarse.h5"
+from .log import logger
+from .production import ChainSpec, produce
+from .stages import coarse_path, pilot_path
+from .store import load_ensemble, load_samples  # noqa: F401 (load_samples: was defined here)
 
 
 def coarse_config(cfg):
@@ -57,9 +57,7 @@ def coarse_config(cfg):
 def tau_int_M(path, S: float = 2.0) -> tuple[float, float]:
     """tau_int(M) of an ensemble file and its error, in trajectories: Gamma method over all
     replicas about their overall mean (:func:`hpcflow.analysis.to_obs`)."""
-    from .analysis import load, to_obs
-
-    e = load(path)
+    e = load_ensemble(path)
     o = to_obs(e.M, e.name)
     o.gamma_method(S=S)
     return float(o.e_tauint[e.name]), float(o.e_dtauint[e.name])
@@ -69,32 +67,31 @@ def generate(cfg, world, force: bool = False) -> Path:
     """Run the coarse stage (pilot, spacing, production); returns the coarse file."""
     c = cfg.coarse
     ccfg = coarse_config(cfg)
-    path = coarse_path(cfg)
-    pilot_path = path.with_name(path.stem + "-pilot.h5")
+    path, pilot = coarse_path(cfg), pilot_path(cfg)
     action = Phi4Action(c.beta, cfg.theory.lam)
     common = dict(replicas=c.replicas, length=c.length, steps=c.steps, integrator=c.integrator)
     if world.is_root:
         path.parent.mkdir(parents=True, exist_ok=True)
     world.comm.Barrier()
 
-    pilot = HMCConfig(trajectories=c.pilot, thermalization=c.thermalization, save_every=0, **common)
-    produce(ccfg, world, pilot, ChainSpec("coarse-pilot", "hmc", action, "coarse-pilot"),
-            pilot_path, force=force)
-    tau = tau_int_M(pilot_path, cfg.analysis.S) if world.is_root else None
+    pilot_run = HMCConfig(trajectories=c.pilot, thermalization=c.thermalization, save_every=0, **common)
+    produce(ccfg, world, pilot_run, ChainSpec("coarse-pilot", "hmc", action, "coarse-pilot"),
+            pilot, force=force)
+    tau = tau_int_M(pilot, cfg.analysis.S) if world.is_root else None
     world.idle_barrier()
     tau = world.comm.bcast(tau)
     spacing = c.spacing or max(1, math.ceil(2 * (tau[0] + 2 * tau[1])))
     if world.is_root:
-        log(world, f"[coarse] pilot tau_int(M) = {tau[0]:.2f} +- {tau[1]:.2f} trajectories; "
-                   f"spacing {spacing}" + (" (configured)" if c.spacing else
-                                                 " = ceil(2 (tau_int + 2 dtau_int))"))
+        logger.info(f"[coarse] pilot tau_int(M) = {tau[0]:.2f} +- {tau[1]:.2f} trajectories; "
+                    f"spacing {spacing}" + (" (configured)" if c.spacing else
+                                            " = ceil(2 (tau_int + 2 dtau_int))"))
         if c.spacing and c.spacing < 2 * tau[0]:
-            log(world, f"[coarse] WARNING: [coarse] spacing = {c.spacing} is below 2 tau_int(M) = "
-                       f"{2 * tau[0]:.1f}: the coarse samples are correlated")
+            logger.warning(f"[coarse] WARNING: [coarse] spacing = {c.spacing} is below 2 tau_int(M) = "
+                           f"{2 * tau[0]:.1f}: the coarse samples are correlated")
 
     per_replica = math.ceil((c.samples + c.eval_samples) / c.replicas)
     main = HMCConfig(trajectories=spacing * per_replica, thermalization=0, save_every=spacing, **common)
-    spec = ChainSpec("coarse", "hmc", action, "coarse", initial_from=str(pilot_path),
+    spec = ChainSpec("coarse", "hmc", action, "coarse", initial_from=str(pilot),
                      attrs={"spacing": spacing, "samples": c.samples, "eval_samples": c.eval_samples,
                             "pilot_tau_int": tau[0], "pilot_tau_int_error": tau[1]})
     status = produce(ccfg, world, main, spec, path, force=force)
@@ -102,30 +99,10 @@ def generate(cfg, world, force: bool = False) -> Path:
         t, dt = tau_int_M(path, cfg.analysis.S)
         with h5py.File(path, "r+") as f:
             f.attrs["tau_int"], f.attrs["tau_int_error"] = t, dt
-        log(world, f"[coarse] {path}: {c.replicas} x {per_replica} configurations, spacing "
-                   f"{spacing}, tau_int(M) = {t:.2f} +- {dt:.2f} on the production")
+        logger.info(f"[coarse] {path}: {c.replicas} x {per_replica} configurations, spacing "
+                    f"{spacing}, tau_int(M) = {t:.2f} +- {dt:.2f} on the production")
         if spacing < 2 * t:
-            log(world, f"[coarse] WARNING: spacing {spacing} < 2 tau_int(M) = {2 * t:.1f} "
-                       f"measured on the production")
+            logger.warning(f"[coarse] WARNING: spacing {spacing} < 2 tau_int(M) = {2 * t:.1f} "
+                           f"measured on the production")
     world.idle_barrier()
     return path
-
-
-def load_samples(path, expect_L: int, expect_beta: float, expect_lam: float):
-    """(training pool [samples, L', L'], held-out pool [eval_samples, L', L'], attrs)."""
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"{path}: no coarse ensemble (run the coarse stage first)")
-    with h5py.File(path, "r") as f:
-        attrs = dict(f.attrs)
-        done, total = int(f["checkpoint/trajectory"][0]), int(attrs["thermalization"] + attrs["trajectories"])
-        if done < total:
-            raise StageError(f"{path}: the coarse production is unfinished ({done}/{total} trajectories)")
-        have = (int(attrs["L"]), float(attrs["beta"]), float(attrs["lambda"]))
-        if have != (expect_L, expect_beta, expect_lam):
-            raise StageError(f"{path}: coarse ensemble has (L, beta, lambda) = {have}, "
-                             f"[coarse] asks for {(expect_L, expect_beta, expect_lam)}")
-        configs = f["configs"][()]                                   # [R, per_replica, L, L]
-    ordered = configs.transpose(1, 0, 2, 3).reshape(-1, *configs.shape[2:])
-    n, n_eval = int(attrs["samples"]), int(attrs["eval_samples"])
-    return ordered[:n], ordered[n:n + n_eval], attrs

@@ -39,30 +39,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ConfigError
+from .stages import STAGES as _STAGE_TABLE
+
 REQUIRED = object()
 
 
 class ints(tuple):
     """Annotation of keys holding a comma list of integers."""
 
-STAGES = ("coarse", "hmc", "train", "fhmc", "analysis")
+STAGES = tuple(_STAGE_TABLE)  # coarse, hmc, train, fhmc, analysis (hpcflow.stages)
 PRIORS = ("gaussian", "coarse-volume", "coarse-interleave")
 INTEGRATORS = ("leapfrog", "omf2", "omf4")
 DEVICES = ("auto", "cpu", "cuda")
 IO_MODES = ("auto", "mpio", "gather")
-
-
-class ConfigError(ValueError):
-    """A problem with an input file; the message names file, section and key."""
-
-    def __init__(self, path, section: str | None, key: str | None, message: str):
-        self.path, self.section, self.key = str(path), section, key
-        where = self.path
-        if section is not None:
-            where += f": [{section}]"
-        if key is not None:
-            where += f" {key}"
-        super().__init__(f"{where}: {message}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,8 +234,7 @@ SECTIONS: dict[str, type] = {
 }
 # Sections a stage needs; any other section is optional (None when absent, defaults for
 # [analysis] and [flow]).
-STAGE_SECTIONS = {"coarse": ("coarse",), "hmc": ("hmc",), "train": ("flow", "train"),
-                  "fhmc": ("flow", "fhmc"), "analysis": ()}
+STAGE_SECTIONS = {name: stage.sections for name, stage in _STAGE_TABLE.items()}
 ALWAYS = ("run", "theory")
 DEFAULTED = ("analysis", "flow")
 KEY_ALIASES = {("theory", "lambda"): "lam"}

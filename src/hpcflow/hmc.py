@@ -76,21 +76,62 @@ INTEGRATORS = {
 }
 
 
+#: |dH| above which a trajectory counts as divergent (as well as a non-finite dH): the
+#: integration has failed, whatever the Metropolis test does with it (blackjax's default).
+DIVERGENCE_THRESHOLD = 1000.0
+
+
 class HMCState(NamedTuple):
-    """Chains' positions and their actions: phi [B, L, L], S [B]."""
+    """Chains' positions and their actions.
+
+    Attributes
+    ----------
+    phi : torch.Tensor
+        [B, L, L] the chains' configurations (FHMC: the chain variable z).
+    S : torch.Tensor
+        [B] the action of each.
+    """
 
     phi: torch.Tensor
     S: torch.Tensor
 
 
 class HMCInfo(NamedTuple):
-    """What one trajectory did, per chain: dH [B], accepted [B] (bool)."""
+    """What one trajectory did, per chain.
+
+    Attributes
+    ----------
+    dH : torch.Tensor
+        [B] energy violation H(end) - H(start) of the proposal.
+    accepted : torch.Tensor
+        [B] bool, the Metropolis decision.
+    acceptance_probability : torch.Tensor
+        [B] min(1, exp(-dH)) (0 for dH = +inf, NaN for NaN).
+    divergent : torch.Tensor
+        [B] bool: dH not finite, or |dH| > ``divergence_threshold`` (default
+        :data:`DIVERGENCE_THRESHOLD`); the step size is far too large for this action.
+    """
 
     dH: torch.Tensor
     accepted: torch.Tensor
+    acceptance_probability: torch.Tensor
+    divergent: torch.Tensor
 
 
 def init_state(action, phi: torch.Tensor) -> HMCState:
+    """The HMC state of configurations ``phi`` [B, L, L]: their actions computed once.
+
+    Parameters
+    ----------
+    action : object
+        Any action (``action(phi) -> [B]``, ``force(phi) -> [B, L, L]``).
+    phi : torch.Tensor
+        [B, L, L] starting configurations.
+
+    Returns
+    -------
+    HMCState
+    """
     return HMCState(phi, action.action(phi))
 
 
@@ -100,14 +141,55 @@ def kinetic(pi: torch.Tensor) -> torch.Tensor:
 
 
 def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
-             integrator: Integrator, length: float, n_steps: int,
+             integrator: Integrator | str, length: float, n_steps: int,
+             divergence_threshold: float = DIVERGENCE_THRESHOLD,
              trajectory=None) -> tuple[HMCState, HMCInfo]:
     """One HMC trajectory for every chain of the batch.
 
-    pi [B, L, L] are the fresh momenta, log_u [B] the logs of uniform numbers in (0, 1);
-    chain b accepts when log_u[b] < -dH[b], i.e. with probability min(1, exp(-dH)).
-    ``trajectory`` (phi, pi) -> (phi', pi', S(phi')) replaces the integration and the final
-    action when given: the fused, compiled form of the same (:mod:`hpcflow.fused`)."""
+    Randomness is explicit: the caller draws the momenta and the Metropolis numbers (from
+    each replica's own stream, :class:`hpcflow.rng.ReplicaStreams`), so a chain does not
+    depend on how chains are batched.
+
+    Parameters
+    ----------
+    action : object
+        Any action (``action(phi) -> [B]``, ``force(phi) -> [B, L, L]``), e.g.
+        :class:`hpcflow.Phi4Action` or :class:`hpcflow.FlowedAction`.
+    state : HMCState
+        The current chains (:func:`init_state`).
+    pi : torch.Tensor
+        [B, L, L] fresh standard-normal momenta.
+    log_u : torch.Tensor
+        [B] logs of uniform numbers in (0, 1]; chain b accepts when log_u[b] < -dH[b],
+        i.e. with probability min(1, exp(-dH)).
+    integrator : Integrator or str
+        An :class:`Integrator` or the name of one of :data:`INTEGRATORS`
+        (``"leapfrog"``, ``"omf2"``, ``"omf4"``).
+    length : float
+        Trajectory length tau; the step is eps = length / n_steps.
+    n_steps : int
+        MD steps per trajectory.
+    divergence_threshold : float
+        |dH| above which :attr:`HMCInfo.divergent` is set.
+    trajectory : callable, optional
+        (phi, pi) -> (phi', pi', S(phi')): replaces the integration and the final action,
+        the fused, compiled form of the same (:mod:`hpcflow.fused`).
+
+    Returns
+    -------
+    (HMCState, HMCInfo)
+        The chains after the Metropolis test, and what the trajectory did.
+
+    Examples
+    --------
+    >>> action = Phi4Action(beta=0.4, lam=0.0)
+    >>> streams = ReplicaStreams(1, range(8), "example")
+    >>> state = init_state(action, streams.normal((8, 8), "cpu"))
+    >>> state, info = hmc_step(action, state, streams.normal((8, 8), "cpu"),
+    ...                        streams.log_uniform("cpu"), "leapfrog", 1.0, 10)
+    """
+    if isinstance(integrator, str):
+        integrator = INTEGRATORS[integrator]
     if trajectory is None:
         phi_new, pi_new = integrator(state.phi, pi, action.force, length / n_steps, n_steps)
         S_new = action.action(phi_new)
@@ -118,4 +200,8 @@ def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
     keep = accepted.view(-1, *([1] * (state.phi.dim() - 1)))
     new_state = HMCState(torch.where(keep, phi_new, state.phi),
                          torch.where(accepted, S_new, state.S))
-    return new_state, HMCInfo(dH, accepted)
+    with torch.no_grad():
+        d = dH.detach()
+        probability = torch.exp(torch.clamp(-d, max=0.0))
+        divergent = ~torch.isfinite(d) | (d.abs() > divergence_threshold)
+    return new_state, HMCInfo(dH, accepted, probability, divergent)

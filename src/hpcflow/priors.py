@@ -35,9 +35,23 @@ import math
 import numpy as np
 import torch
 
+from .action import Phi4Action
+from .stages import coarse_path
+from .store import load_samples
+
 
 class GaussianPrior:
-    """Independent unit normals on every site: log r = -1/2 sum_x z_x^2 - V/2 log(2 pi)."""
+    """Independent unit normals on every site: log r = -1/2 sum_x z_x^2 - V/2 log(2 pi).
+
+    Parameters
+    ----------
+    L : int
+        Lattice extent (samples are [n, L, L]).
+
+    Examples
+    --------
+    >>> z, log_r = GaussianPrior(8).sample(16, np.random.default_rng(0), "cpu")
+    """
 
     name = "gaussian"
 
@@ -87,7 +101,18 @@ def _augment(configs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class CoarseVolumePrior:
-    """The coarse ensemble on the target's L: log r(phi~) = -S'(phi~) + const."""
+    """The coarse ensemble on the target's L: log r(phi~) = -S'(phi~) + const.
+
+    Parameters
+    ----------
+    train_pool : numpy.ndarray
+        [n, L, L] coarse configurations to train from (sampled with random translations
+        and signs).
+    eval_pool : numpy.ndarray
+        [m, L, L] held-out configurations for :meth:`fresh` (each used once).
+    coarse_action : Phi4Action
+        S' at the coarse coupling beta'.
+    """
 
     name = "coarse-volume"
 
@@ -110,7 +135,17 @@ class CoarseVolumePrior:
 
 
 class CoarseInterleavePrior:
-    """Four distinct coarse L/2 configurations interleaved: log r = -sum_i S'(Phi_i) + const."""
+    """Four distinct coarse L/2 configurations interleaved: log r = -sum_i S'(Phi_i) + const.
+
+    Parameters
+    ----------
+    train_pool : numpy.ndarray
+        [n, L/2, L/2] coarse configurations (n >= 4) to train from.
+    eval_pool : numpy.ndarray
+        [m, L/2, L/2] held-out configurations; :meth:`fresh` interleaves them four at a time.
+    coarse_action : Phi4Action
+        S' at the coarse coupling beta'.
+    """
 
     name = "coarse-interleave"
 
@@ -154,9 +189,6 @@ def make_prior(cfg):
     name, L = cfg.flow.prior, cfg.theory.L
     if name == "gaussian":
         return GaussianPrior(L)
-    from .action import Phi4Action
-    from .coarse import coarse_path, load_samples
-
     c = cfg.coarse
     train_pool, eval_pool, _ = load_samples(coarse_path(cfg), c.L, c.beta, cfg.theory.lam)
     coarse_action = Phi4Action(c.beta, cfg.theory.lam)

@@ -1,19 +1,25 @@
 """Markov-chain production over MPI replicas into an ensemble file.
 
-:func:`produce` is the loop every production stage shares: each rank advances its block
-of replicas as one batch [B, L, L] with HMC over the given action, measures after
-thermalization, and every ``checkpoint_every`` trajectories writes the measurements, the
-chain positions and the random-stream states to the ensemble file (:mod:`hpcflow.store`).
+:func:`produce` is the loop every production stage shares, in three parts:
+
+- :func:`open_production` creates the ensemble file, or resumes an interrupted one from its
+  last checkpoint (chain positions and random-stream states), or finds it complete;
+- :func:`advance` runs one HMC trajectory of this rank's block of replicas, advanced as one
+  batch [B, L, L] over the given action, and measures after thermalization;
+- :func:`checkpoint` writes the measurements since the last checkpoint, the configurations
+  to store, the chain positions and stream states, then the cost and the trajectory
+  counter (:mod:`hpcflow.store`), every ``checkpoint_every`` trajectories and at the end.
+
 An interrupted run resumes from the last checkpoint and continues the very same chains.
 A production stage differs only in its action, its stream purpose and ``to_physical``,
 the map from the chain's variables to the field that is measured (identity for HMC, the
-inverse flow for FHMC).
+generator phi = g(z) for FHMC).  What is measured and stored per trajectory is the table
+:data:`hpcflow.observables.OBSERVABLES` (the observables of phi, Mz of the chain variable
+z, dH and the Metropolis decision).  Every checkpoint also records the production's cost:
+wall seconds since the segment began (rank 0's clock) added to those of earlier segments,
+rank-seconds, ranks and device (:mod:`hpcflow.store`).
 
-Besides the observables of the measured field phi, every trajectory stores Mz, the lattice
-mean of the chain variable z itself (z = phi for HMC), from which the analysis gets the
-slow-mode scale c_M = std(Mz) / std(M) (PHYSICS.md section 5.1).  Every checkpoint also
-records the production's cost: wall seconds since the segment began (rank 0's clock) added
-to those of earlier segments, rank-seconds, ranks and device (:mod:`hpcflow.store`).
+This module uses MPI only through the ``world`` it is given (:mod:`hpcflow.parallel`).
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import h5py
 import numpy as np
 import torch
 
-from . import observables, store
+from . import store
+from .errors import StageError
 from .hmc import INTEGRATORS, HMCState, hmc_step, init_state
-from .parallel import ReplicaStreams, World
-from .store import StageError
+from .log import logger
+from .observables import OBSERVABLES, measure_all
+from .rng import ReplicaStreams
 
 
 @dataclass(frozen=True)
@@ -42,11 +51,6 @@ class ChainSpec:
     to_physical: Callable[[torch.Tensor], torch.Tensor] = lambda phi: phi
     attrs: dict = field(default_factory=dict)  # extra file attributes, part of the fingerprint
     initial_from: str | None = None  # continue the chains of this ensemble file's checkpoint
-
-
-def log(world: World, msg: str):
-    if world.is_root:
-        print(msg, flush=True)
 
 
 def _fmt_time(s: float) -> str:
@@ -77,7 +81,7 @@ class Progress:
         rate = (done - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         phase = " (thermalizing)" if done <= thermalization and thermalization else ""
-        log(self.world,
+        logger.info(
             f"[{self.tag}] {done}/{self.total} trajectories{phase} | acc {sums[1] / n:.3f} | "
             f"<dH> {sums[2] / n:+.2e} | <exp(-dH)> {sums[3] / n:.3f} | "
             f"{rate:.1f} traj/s x {self.replicas} replicas | "
@@ -95,8 +99,56 @@ def device_label(device) -> str:
     return f"{device.type} ({n} thread{'s' if n != 1 else ''})"
 
 
-def produce(cfg, world: World, section, spec: ChainSpec, path, force: bool = False) -> str:
-    """Run (or resume, or skip) one production; returns 'done', 'resumed' or 'skipped'."""
+@dataclass
+class Production:
+    """An open production on this rank: the file, this rank's chains and streams, where
+    they are.  Made by :func:`open_production`; :func:`advance` and :func:`checkpoint`
+    move it on; :func:`close_production` closes the file."""
+
+    cfg: object
+    world: object
+    section: object
+    spec: ChainSpec
+    path: object
+    writer: store.EnsembleWriter
+    streams: ReplicaStreams
+    state: HMCState
+    done: int
+    total: int
+    status: str
+    t_start: float
+    cost_before: dict
+    progress: "Progress"
+    buffers: "_Buffers"
+    flush_from: int
+
+    @property
+    def thermalization(self) -> int:
+        return self.section.thermalization
+
+    def cost_now(self) -> dict:
+        """The cost totals to record at a checkpoint now (this segment added)."""
+        seconds = time.perf_counter() - self.t_start
+        c = self.cost_before
+        return {"seconds": c["seconds"] + seconds,
+                "rank_seconds": c["rank_seconds"] + seconds * self.world.size,
+                "ranks": self.world.size, "segments": c["segments"] + 1,
+                "device": device_label(self.world.device)}
+
+
+def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = False) -> Production | None:
+    """Create, resume or skip the production of ``spec`` into ``path`` (collective).
+
+    Returns None when the file is already complete (skipped); else a :class:`Production`
+    whose ``status`` is ``"resumed"`` (continuing from the file's last checkpoint) or
+    ``"done"`` (a new file, chains from a cold or hot start or ``spec.initial_from``).
+
+    Raises
+    ------
+    StageError
+        Fewer replicas than ranks, or an existing file made by another input (without
+        ``force``).
+    """
     t_start = time.perf_counter()
     L = cfg.theory.L
     R, N, n_therm = section.replicas, section.trajectories, section.thermalization
@@ -119,8 +171,8 @@ def produce(cfg, world: World, section, spec: ChainSpec, path, force: bool = Fal
         why = existing.get("unreadable", "it was made by a different input")
         raise StageError(f"{path} exists and {why}; rerun with --force to replace it")
     if existing is not None and existing["done"] >= existing["total"]:
-        log(world, f"[{spec.stage}] {path} is complete: skipped (use --force to recompute)")
-        return "skipped"
+        logger.info(f"[{spec.stage}] {path} is complete: skipped (use --force to recompute)")
+        return None
 
     layout = store.layout(L, R, N, saved)
     cost_before = {"seconds": 0.0, "rank_seconds": 0.0, "segments": 0}
@@ -134,93 +186,120 @@ def produce(cfg, world: World, section, spec: ChainSpec, path, force: bool = Fal
         phi = torch.from_numpy(writer.read_rows("checkpoint/phi")).to(world.device)
         streams.set_state(writer.read_rows("checkpoint/rng"))
         status = "resumed"
-        log(world, f"[{spec.stage}] resuming {path} at trajectory {done}/{total}")
+        logger.info(f"[{spec.stage}] resuming {path} at trajectory {done}/{total}")
     else:
         writer.create(attrs, layout)
         done = 0
         status = "done"
         if spec.initial_from is not None:
-            import h5py
-
             with h5py.File(spec.initial_from, "r") as f:
                 phi = torch.from_numpy(f["checkpoint/phi"][block.start:block.stop]).to(world.device)
         elif section.start == "hot":
             phi = streams.normal((L, L), world.device)
         else:
             phi = torch.zeros(len(block), L, L, dtype=torch.float64, device=world.device)
-        log(world, f"[{spec.stage}] {spec.algorithm}: L={L} beta={cfg.theory.beta} "
-                   f"lambda={cfg.theory.lam}, {R} replicas on {world.size} rank(s) "
-                   f"({len(block)} on rank 0, device {world.device}), {n_therm} + {N} "
-                   f"trajectories, {section.integrator} {section.steps} steps, io={io}")
+        logger.info(f"[{spec.stage}] {spec.algorithm}: L={L} beta={cfg.theory.beta} "
+                    f"lambda={cfg.theory.lam}, {R} replicas on {world.size} rank(s) "
+                    f"({len(block)} on rank {world.rank}, device {world.device}), {n_therm} + {N} "
+                    f"trajectories, {section.integrator} {section.steps} steps, io={io}")
+    return Production(cfg, world, section, spec, path, writer, streams,
+                      init_state(spec.action, phi), done, total, status, t_start, cost_before,
+                      Progress(world, spec.stage, total, done, R, cfg.run.progress_every),
+                      _Buffers(), max(done - n_therm, 0))
 
-    integrator = INTEGRATORS[section.integrator]
-    device = device_label(world.device)
 
-    def cost_now():
-        seconds = time.perf_counter() - t_start
-        return {"seconds": cost_before["seconds"] + seconds,
-                "rank_seconds": cost_before["rank_seconds"] + seconds * world.size,
-                "ranks": world.size, "segments": cost_before["segments"] + 1, "device": device}
+def advance(p: Production) -> None:
+    """One trajectory of this rank's replicas; measure it (after thermalization) into the
+    buffers, with the configuration when it is one to store."""
+    section, L, device = p.section, p.cfg.theory.L, p.world.device
+    pi = p.streams.normal((L, L), device)
+    log_u = p.streams.log_uniform(device)
+    p.state, info = hmc_step(p.spec.action, p.state, pi, log_u, INTEGRATORS[section.integrator],
+                             section.length, section.steps)
+    p.progress.add(info)
+    p.done += 1
+    if p.done > p.thermalization:
+        m = p.done - p.thermalization - 1
+        with torch.no_grad():
+            phys = p.spec.to_physical(p.state.phi)
+        p.buffers.add(measure_all(phys, p.state.phi, info))
+        if section.save_every and (m + 1) % section.save_every == 0:
+            p.buffers.configs.append((m // section.save_every, phys.cpu().numpy()))
 
-    state: HMCState = init_state(spec.action, phi)
-    progress = Progress(world, spec.stage, total, done, R, cfg.run.progress_every)
-    buffers = _Buffers()
-    flush_from = max(done - n_therm, 0)
 
+def due(p: Production) -> bool:
+    """Whether a checkpoint is due after the trajectory just done."""
+    return p.done % p.cfg.run.checkpoint_every == 0 or p.done == p.total
+
+
+def checkpoint(p: Production) -> None:
+    """Write what was measured since the last checkpoint and the chains' checkpoint, then
+    the counter (collective); report progress."""
+    _flush(p.writer, p.buffers, p.flush_from, p.state, p.streams, p.done, p.cost_now())
+    p.flush_from = max(p.done - p.thermalization, 0)
+    p.progress.report(p.done, p.thermalization, final=p.done == p.total)
+
+
+def close_production(p: Production) -> None:
+    """Close the file (collective)."""
+    p.writer.close()
+
+
+def produce(cfg, world, section, spec: ChainSpec, path, force: bool = False) -> str:
+    """Run (or resume, or skip) one production; returns 'done', 'resumed' or 'skipped'.
+
+    Parameters
+    ----------
+    cfg : hpcflow.config.Config
+        The input (theory, run settings).
+    world : hpcflow.parallel.World
+        The MPI world; this rank advances its block of the replicas.
+    section : hpcflow.config.HMCConfig
+        The production's settings ([hmc], [fhmc] or the coarse stage's).
+    spec : ChainSpec
+        Stage name, action, stream purpose, map to the measured field.
+    path : path-like
+        The ensemble file.
+    force : bool
+        Replace an existing file instead of resuming, skipping or refusing.
+    """
+    p = open_production(cfg, world, section, spec, path, force)
+    if p is None:
+        return "skipped"
     try:
-        while done < total:
-            pi = streams.normal((L, L), world.device)
-            log_u = streams.log_uniform(world.device)
-            state, info = hmc_step(spec.action, state, pi, log_u, integrator,
-                                   section.length, section.steps)
-            progress.add(info)
-            done += 1
-            if done > n_therm:
-                m = done - n_therm - 1
-                with torch.no_grad():
-                    phys = spec.to_physical(state.phi)
-                    meas = observables.measure(phys)
-                    meas["Mz"] = observables.magnetization(state.phi)
-                buffers.add(meas, info)
-                if section.save_every and (m + 1) % section.save_every == 0:
-                    buffers.configs.append((m // section.save_every, phys.cpu().numpy()))
-            if done % cfg.run.checkpoint_every == 0 or done == total:
-                _flush(writer, buffers, flush_from, state, streams, done, cost_now())
-                flush_from = max(done - n_therm, 0)
-                progress.report(done, n_therm, final=done == total)
+        while p.done < p.total:
+            advance(p)
+            if due(p):
+                checkpoint(p)
     except Exception:
         raise  # no collective clean-up here: the driver aborts every rank
     except BaseException:
-        writer.close()  # interrupted everywhere at once (e.g. KeyboardInterrupt): close cleanly
+        close_production(p)  # interrupted everywhere at once (e.g. KeyboardInterrupt): close cleanly
         raise
-    writer.close()
-    return status
+    close_production(p)
+    return p.status
 
 
 class _Buffers:
-    """Measurements of this rank's replicas since the last flush."""
+    """Measurements of this rank's replicas since the last flush, one list per record of
+    :data:`hpcflow.observables.OBSERVABLES` (keyed by dataset)."""
 
     def __init__(self):
         self.clear()
 
     def clear(self):
-        self.rows = {"observables/M": [], "observables/Mz": [], "observables/C": [],
-                     "observables/Gp": [], "mc/dH": [], "mc/accepted": []}
+        self.rows = {o.dataset: [] for o in OBSERVABLES}
         self.configs = []
 
-    def add(self, meas, info):
-        self.rows["observables/M"].append(meas["M"].cpu().numpy())
-        self.rows["observables/Mz"].append(meas["Mz"].cpu().numpy())
-        self.rows["observables/C"].append(meas["C"].cpu().numpy())
-        self.rows["observables/Gp"].append(meas["Gp"].cpu().numpy())
-        self.rows["mc/dH"].append(info.dH.detach().cpu().numpy())
-        self.rows["mc/accepted"].append(info.accepted.cpu().numpy().astype(np.int8))
+    def add(self, meas: dict):
+        for o in OBSERVABLES:
+            self.rows[o.dataset].append(meas[o.name])
 
 
 def _flush(writer, buffers, m0, state, streams, done, cost=None):
     """Write measurements [m0, m0 + n), configurations, checkpoint, then the cost and the
     counter."""
-    n = len(buffers.rows["mc/dH"])
+    n = len(next(iter(buffers.rows.values())))
     if n:
         for name, rows in buffers.rows.items():
             writer.write_rows(name, np.stack(rows, axis=1), (slice(m0, m0 + n),))

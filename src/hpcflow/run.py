@@ -1,14 +1,17 @@
-"""The batch driver: ``python -m hpcflow.run INPUT.ini [--force]``.
+"""The batch driver: ``python -m hpcflow.run INPUT.ini [--force] [--quiet | --verbose]``.
 
 Runs the stages listed in ``[run] stages`` in order, as one process, under
-``mpirun -n N`` or under ``srun``:
+``mpirun -n N`` or under ``srun`` (what each stage needs and writes: :mod:`hpcflow.stages`):
 
     coarse    decorrelated coarse ensemble (beta', L') for the coarse priors -> [coarse] file
     hmc       HMC production of [hmc] replicas over the ranks -> <output>/hmc.h5
     train     reverse-KL training of the [flow] from its prior -> <output>/flow.pt, train.json
-    fhmc      HMC on the flowed action, measured on f^-1(phi~)  -> <output>/fhmc.h5
+    fhmc      HMC on the flowed action, measured on phi = g(z)  -> <output>/fhmc.h5
     analysis  Gamma-method analysis of the run's ensembles (rank 0) -> <output>/analysis.json,
               <output>/<stage>.obs.json.gz, and the table on standard output
+
+Progress goes to standard output through the ``hpcflow`` logger (:mod:`hpcflow.log`):
+rank 0 at INFO, ``--quiet`` warnings only, ``--verbose`` everything from every rank.
 
 A stage whose output is complete is skipped, an interrupted one resumes from its last
 checkpoint, and ``--force`` recomputes.  An existing result made from a different input is
@@ -25,8 +28,11 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
-from .config import ConfigError
-from .store import StageError
+from . import log as log_mod
+from .errors import ConfigError, StageError
+from .log import logger
+from .stages import STAGES as STAGE_TABLE
+from .stages import flow_path  # noqa: F401 (also importable from here, as before)
 
 
 def stage_coarse(cfg, world, force):
@@ -41,17 +47,12 @@ def stage_hmc(cfg, world, force):
 
     spec = ChainSpec(stage="hmc", algorithm="hmc", action=Phi4Action(cfg.theory.beta, cfg.theory.lam),
                      purpose="hmc")
-    produce(cfg, world, cfg.hmc, spec, cfg.output / "hmc.h5", force=force)
-
-
-def flow_path(cfg) -> Path:
-    return Path(cfg.flow.file) if cfg.flow.file else cfg.output / "flow.pt"
+    produce(cfg, world, cfg.hmc, spec, STAGE_TABLE["hmc"].path(cfg), force=force)
 
 
 def stage_train(cfg, world, force):
     from .action import Phi4Action
     from .priors import make_prior
-    from .production import log
     from .train import train
 
     try:
@@ -59,7 +60,7 @@ def stage_train(cfg, world, force):
     except ValueError as err:
         raise StageError(f"{cfg.path}: [flow] prior: {err}") from None
     target = Phi4Action(cfg.theory.beta, cfg.theory.lam)
-    train(cfg, world, prior, target, flow_path(cfg), force=force, log=lambda m: log(world, m))
+    train(cfg, world, prior, target, STAGE_TABLE["train"].path(cfg), force=force)
 
 
 def stage_fhmc(cfg, world, force):
@@ -67,7 +68,7 @@ def stage_fhmc(cfg, world, force):
     from .production import ChainSpec, produce
     from .train import load_flow
 
-    path = flow_path(cfg)
+    path = STAGE_TABLE["train"].path(cfg)
     if not path.exists():
         raise StageError(f"{path}: no trained flow (run the train stage first, or set [flow] file)")
     flow, payload = load_flow(path, cfg, world.device)
@@ -79,7 +80,7 @@ def stage_fhmc(cfg, world, force):
              "flow_acceptance": float(payload.get("acceptance") or float("nan"))}
     spec = ChainSpec(stage="fhmc", algorithm="fhmc", action=action, purpose="fhmc",
                      to_physical=action.to_physical, attrs=attrs)
-    produce(cfg, world, cfg.fhmc, spec, cfg.output / "fhmc.h5", force=force)
+    produce(cfg, world, cfg.fhmc, spec, STAGE_TABLE["fhmc"].path(cfg), force=force)
 
 
 def stage_analysis(cfg, world, force):
@@ -93,24 +94,28 @@ def stage_analysis(cfg, world, force):
                 others += analysis.run(other, S=cfg.analysis.S, plateau_min=cfg.analysis.plateau_min,
                                        write=False)
             else:
-                print(f"[analysis] [analysis] compare: {other} does not exist (yet); not shown")
+                logger.warning(f"[analysis] [analysis] compare: {other} does not exist (yet); not shown")
         if results:
-            print(analysis.table(others + results), flush=True)
+            print(analysis.table(others + results), flush=True)  # the stage's result, not a log line
             out = [r["json"] for r in results]
-            (cfg.output / "analysis.json").write_text(
+            STAGE_TABLE["analysis"].path(cfg).write_text(
                 json.dumps(out[0] if len(out) == 1 else out, indent=1) + "\n")
         else:
-            print(f"[analysis] no ensembles in {cfg.output}", flush=True)
+            logger.warning(f"[analysis] no ensembles in {cfg.output}")
     world.idle_barrier()
 
 
-STAGES = {"coarse": stage_coarse, "hmc": stage_hmc, "train": stage_train, "fhmc": stage_fhmc, "analysis": stage_analysis}
+# What each stage of the table hpcflow.stages.STAGES does.
+STAGES = {"coarse": stage_coarse, "hmc": stage_hmc, "train": stage_train, "fhmc": stage_fhmc,
+          "analysis": stage_analysis}
+assert set(STAGES) == set(STAGE_TABLE), "hpcflow.stages and the driver disagree on the stages"
 
 
 def main(argv=None, comm=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hpcflow.run", description=__doc__.split("\n")[0])
     ap.add_argument("input", help="INI input file")
     ap.add_argument("--force", action="store_true", help="recompute stages whose results exist")
+    log_mod.add_arguments(ap)
     args = ap.parse_args(argv)
 
     # Validate before touching MPI or any file: bad input exits 2 with nothing written.
@@ -123,9 +128,9 @@ def main(argv=None, comm=None) -> int:
     from mpi4py import MPI
 
     from .parallel import make_world
-    from .store import StageError
 
     comm = MPI.COMM_WORLD if comm is None else comm
+    log_mod.configure(comm.Get_rank(), args.quiet, args.verbose)
     try:
         world = make_world(cfg.run.device, cfg.run.threads, comm)
         if world.is_root:

@@ -14,6 +14,7 @@ One file per production stage (``hmc.h5``, later ``fhmc.h5``, ``coarse.h5``):
     /observables/Gp         float64 [replicas, measurements]        |phi(p_min)|^2 / V
     /mc/dH                  float64 [replicas, measurements]        energy violation
     /mc/accepted            int8    [replicas, measurements]        Metropolis decision
+                            (these six from :data:`hpcflow.observables.OBSERVABLES`)
     /configs                float64 [replicas, saved, L, L]         every save_every-th field
     /checkpoint/phi         float64 [replicas, L, L]                chain positions
     /checkpoint/rng         uint64  [replicas, 6]                   random-stream states
@@ -34,7 +35,8 @@ resumed run adds to them (time after the last checkpoint of a killed run is not 
 its work is lost too).
 
 Measurement m of every replica is trajectory thermalization + m; rows not yet measured
-hold NaN.  A reader takes ``measured(f)`` rows.  Files written before ``/observables/Mz`` and
+hold NaN.  A reader takes ``measured(f)`` rows (:func:`load_ensemble` does); a file is
+complete when its counter reaches thermalization + trajectories (:func:`progress`).  Files written before ``/observables/Mz`` and
 ``/cost`` existed lack them; readers treat them as absent (:func:`read_cost` returns None),
 and a resumed production adds them (:meth:`EnsembleWriter.ensure`), Mz then NaN before the
 resumption.
@@ -55,18 +57,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from . import __version__
+from .errors import StageError  # also importable from here, where it was first defined
+from .observables import OBSERVABLES
+from .rng import STATE_WIDTH
 
-CHECKPOINT_WIDTH = 6
-
-
-class StageError(RuntimeError):
-    """A stage cannot run as asked (e.g. an existing result made from another input)."""
+CHECKPOINT_WIDTH = STATE_WIDTH  # uint64 per replica in /checkpoint/rng
 
 
 def h5py_has_mpi() -> bool:
@@ -101,15 +103,10 @@ def _early_dcpl(fill):
 
 def layout(L: int, replicas: int, measurements: int, saved: int) -> dict[str, tuple]:
     """Dataset name -> (shape, dtype, fill value) of an ensemble file."""
-    R, N, nt = replicas, measurements, L // 2 + 1
+    R, N = replicas, measurements
     nan = np.nan
     return {
-        "observables/M": ((R, N), "f8", nan),
-        "observables/Mz": ((R, N), "f8", nan),
-        "observables/C": ((R, N, nt), "f8", nan),
-        "observables/Gp": ((R, N), "f8", nan),
-        "mc/dH": ((R, N), "f8", nan),
-        "mc/accepted": ((R, N), "i1", -1),
+        **{o.dataset: ((R, N, *o.shape(L)), o.dtype, o.fill) for o in OBSERVABLES},
         "configs": ((R, saved, L, L), "f8", nan),
         "checkpoint/phi": ((R, L, L), "f8", nan),
         "checkpoint/rng": ((R, CHECKPOINT_WIDTH), "u8", 0),
@@ -240,11 +237,9 @@ def inspect(path, comm) -> dict | None:
     if comm.Get_rank() == 0 and Path(path).exists():
         try:
             with h5py.File(path, "r") as f:
-                info = {
-                    "fingerprint": str(f.attrs.get("fingerprint", "")),
-                    "done": int(f["checkpoint/trajectory"][0]),
-                    "total": int(f.attrs["thermalization"] + f.attrs["trajectories"]),
-                }
+                done, total = progress(f)
+                info = {"fingerprint": str(f.attrs.get("fingerprint", "")), "done": done,
+                        "total": total}
         except (OSError, KeyError) as e:
             info = {"unreadable": str(e)}
     return comm.bcast(info, root=0)
@@ -264,10 +259,119 @@ def read_cost(f: h5py.File) -> dict | None:
             "trajectories": int(f["checkpoint/trajectory"][0])}
 
 
+def progress(f: h5py.File) -> tuple[int, int]:
+    """(trajectories done, trajectories in all) per replica of an open ensemble file,
+    thermalization included; the file is complete when the two are equal."""
+    return (int(f["checkpoint/trajectory"][0]),
+            int(f.attrs["thermalization"]) + int(f.attrs["trajectories"]))
+
+
 def measured(f: h5py.File) -> int:
     """Number of measurements that reached the file (per replica)."""
-    done = int(f["checkpoint/trajectory"][0])
+    done, _ = progress(f)
     return max(0, done - int(f.attrs["thermalization"]))
+
+
+# ---------------------------------------------------------------------------------------
+# Reading ensembles
+
+
+@dataclass
+class Ensemble:
+    """The measured part of an ensemble file, as numpy arrays [replicas, measurements, ...].
+
+    ``data`` maps every name of :data:`hpcflow.observables.OBSERVABLES` to its array (None
+    for an optional record the file lacks); they are also attributes (``e.M``, ``e.C`` ...).
+    ``cost`` holds the raw ``/cost`` datasets and the counter (None: absent).
+    """
+
+    path: Path | None
+    attrs: dict
+    data: dict
+    cost: dict | None = None
+    ens_name: str | None = None
+
+    def __getattr__(self, name):
+        data = self.__dict__.get("data")
+        if data is not None and name in data:
+            return data[name]
+        raise AttributeError(name)
+
+    @property
+    def name(self) -> str:
+        """The pyerrors ensemble name, ``<run name>_<stage>``."""
+        if self.ens_name is not None:
+            return self.ens_name
+        return f"{self.attrs.get('name', 'run')}_{self.attrs['stage']}"
+
+    @property
+    def L(self) -> int:
+        return int(self.attrs["L"])
+
+
+def load_ensemble(path) -> Ensemble:
+    """Read the measured rows of an ensemble file.
+
+    Every record of :data:`hpcflow.observables.OBSERVABLES` is read; an optional one the
+    file lacks (``/observables/Mz`` of older files) is None, and so is an Mz with
+    unmeasured (NaN) rows, as left by a run begun before Mz was stored and resumed after.
+    ``cost`` is None for files without ``/cost``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        An ensemble file (``hmc.h5``, ``fhmc.h5``, ``coarse.h5`` ...).
+
+    Returns
+    -------
+    Ensemble
+    """
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        n = measured(f)
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        data = {}
+        for o in OBSERVABLES:
+            if o.dataset not in f and not o.required:
+                data[o.name] = None
+                continue
+            a = o.read(f[o.dataset][:, :n])
+            data[o.name] = None if not o.required and not np.isfinite(a).all() else a
+        return Ensemble(path, attrs, data, read_cost(f))
+
+
+def load_samples(path, expect_L: int, expect_beta: float, expect_lam: float):
+    """The configurations of a finished coarse ensemble, split into its pools.
+
+    Of the stored configurations, ordered by trajectory then replica, the first
+    ``samples`` (a file attribute) are the training pool and the next ``eval_samples`` are
+    held out for the flow acceptance.
+
+    Returns
+    -------
+    (train_pool [samples, L', L'], held-out pool [eval_samples, L', L'], attrs)
+
+    Raises
+    ------
+    StageError
+        No file, an unfinished production, or another (L, beta, lambda) than expected.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: no coarse ensemble (run the coarse stage first)")
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+        done, total = progress(f)
+        if done < total:
+            raise StageError(f"{path}: the coarse production is unfinished ({done}/{total} trajectories)")
+        have = (int(attrs["L"]), float(attrs["beta"]), float(attrs["lambda"]))
+        if have != (expect_L, expect_beta, expect_lam):
+            raise StageError(f"{path}: coarse ensemble has (L, beta, lambda) = {have}, "
+                             f"[coarse] asks for {(expect_L, expect_beta, expect_lam)}")
+        configs = f["configs"][()]                                   # [R, per_replica, L, L]
+    ordered = configs.transpose(1, 0, 2, 3).reshape(-1, *configs.shape[2:])
+    n, n_eval = int(attrs["samples"]), int(attrs["eval_samples"])
+    return ordered[:n], ordered[n:n + n_eval], attrs
 
 
 def common_attrs(cfg, stage: str, algorithm: str, section) -> dict:

@@ -2,6 +2,7 @@
 
     python -m hpcflow.study RUN_DIR [RUN_DIR ...] [--json study.json] [--csv study.csv]
                             [--png acceptance.png] [--no-bench] [--bench-device cpu]
+                            [--quiet | --verbose]
 
 For every ensemble found (``hmc.h5``, ``fhmc.h5``, ``fhmc-*.h5`` in each directory; an
 analysis cached beside the ensemble is reused while the ensemble is unchanged and its
@@ -74,6 +75,9 @@ from pathlib import Path
 import numpy as np
 
 from . import analysis
+from . import log as log_mod
+from .log import logger
+from .stages import HISTORY_FILE
 
 BENCH_REPEATS = 5
 BENCH_MIN_SECONDS = 0.05  # one timed repeat runs the force at least this long
@@ -136,7 +140,7 @@ class ForceBench:
 
     def __init__(self, device="cpu", repeats: int = BENCH_REPEATS, log=None):
         self.device, self.repeats = device, repeats
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or logger.warning
         self._flows: dict = {}
         self._costs: dict = {}
 
@@ -190,7 +194,7 @@ def _train_seconds(payload, flow_file) -> tuple[float | None, float | None]:
     ``train.json`` beside the flow file; None where not recorded."""
     t = (payload or {}).get("train_time")
     if t is None and flow_file:
-        js = Path(flow_file).with_name("train.json")
+        js = Path(flow_file).with_name(HISTORY_FILE)
         try:
             t = json.loads(js.read_text()).get("train_time")
         except (OSError, ValueError):
@@ -511,7 +515,7 @@ def acceptance_figure(dirs, png: Path) -> int:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     n = 0
     for d in map(Path, dirs):
-        f = d / "train.json"
+        f = d / HISTORY_FILE
         if not f.exists():
             continue
         js = json.loads(f.read_text())
@@ -552,7 +556,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-device", default="cpu", help="device of the force benchmark (cpu)")
     ap.add_argument("--bench-repeats", type=int, default=BENCH_REPEATS,
                     help=f"timed repeats per force, the best kept (default {BENCH_REPEATS})")
+    log_mod.add_arguments(ap)
     args = ap.parse_args(argv)
+    log_mod.configure(0, args.quiet, args.verbose, stream="stderr")
     rows = collect(args.dirs, bench=not args.no_bench, bench_device=args.bench_device,
                    repeats=args.bench_repeats)
     if not rows:

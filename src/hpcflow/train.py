@@ -1,4 +1,5 @@
-"""Reverse-KL training of a flow, data parallel over MPI ranks, and flow acceptance.
+"""Reverse-KL training of a flow: the :class:`Trainer` loop, flow acceptance, flow files,
+and the data-parallel MPI train stage around them.
 
 Loss (PHYSICS.md section 5; prior r, target p = exp(-S)/Z, generator g, model
 p_g(phi) = r(z) |det dg/dz|^-1 at phi = g(z)):
@@ -10,9 +11,13 @@ ensemble) the loss is shifted by that constant; the gradient is not.  The optimi
 Adam with, by default, the authors' settings: lr 0.01 annealed to 0 by a cosine over the
 iterations, fresh prior batches of 500 (``[train]``).
 
-Data parallel: each rank draws its own share of the ``batch_size`` samples from its own
-stream; the gradients of the global mean loss are summed with one MPI allreduce, so every
-rank takes the same Adam step and holds identical weights.
+:class:`Trainer` is the plain loop (no MPI, no files): one optimizer step per batch of
+fresh prior samples, a per-iteration record passed to callbacks.  The train stage
+(:func:`train`, run by ``python -m hpcflow.run``) wraps it, data parallel: each rank draws
+its own share of the ``batch_size`` samples from its own stream; a gradient hook sums the
+gradients of the global mean loss with one MPI allreduce, so every rank takes the same
+Adam step and holds identical weights.  This module imports no MPI itself: the stage uses
+the communicator of the ``world`` it is given.
 
 Quality measures, per iteration on the training batch and at ``eval_every`` iterations on
 ``metropolis`` fresh proposals:
@@ -40,13 +45,17 @@ import numpy as np
 import torch
 
 from . import __version__
+from .errors import StageError
 from .flows import FAMILY, Flow, FlowFamilyError
-from .parallel import World, purpose_key, replica_block
-from .store import StageError, fingerprint
+from .log import logger
+from .rng import generator, purpose_key, replica_block
+from .store import fingerprint
+from .stages import HISTORY_FILE
 
 FORMAT = "hpcflow-flow-2"
 OLD_FORMATS = {"hpcflow-flow-1": "hpcflow 0.1 (couplings applied phi -> phi~, convolutions with bias, "
                                     "a Gaussian prior of hand-set width)"}
+HISTORY_KEYS = ("iteration", "loss", "acceptance", "ess", "seconds")
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,7 +90,26 @@ def metropolis_acceptance(log_w: np.ndarray, rng: np.random.Generator) -> float:
     return accepted / (len(log_w) - 1)
 
 
-def _gather_log_w(world: World, local: torch.Tensor) -> np.ndarray | None:
+def fresh_log_weights(flow, prior, target, indices: range, rng, device, batch=1024) -> torch.Tensor:
+    """log w of the fresh proposals ``indices`` of the prior (``prior.fresh``: for a coarse
+    prior, held-out configurations never trained on), in chunks of ``batch``."""
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(indices), batch):
+            m = min(batch, len(indices) - start)
+            phi_t, log_r = prior.fresh(m, indices.start + start, rng, device)
+            phi, logdet_inv = flow.inverse(phi_t)
+            chunks.append(-(target.action(phi) - logdet_inv + log_r))
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.float64)
+
+
+def acceptance_summary(log_w: np.ndarray, rng: np.random.Generator) -> dict:
+    """{"acceptance", "ess", "proposals"} of proposals with log weights ``log_w``."""
+    return {"acceptance": metropolis_acceptance(log_w, rng), "ess": ess(log_w),
+            "proposals": len(log_w)}
+
+
+def _gather_log_w(world, local: torch.Tensor) -> np.ndarray | None:
     parts = world.comm.gather(local.detach().cpu().numpy(), root=0)
     return np.concatenate(parts) if world.is_root else None
 
@@ -93,21 +121,228 @@ def measure_acceptance(world, flow, prior, target, n, seed, tag, batch=1024) -> 
     trained on, each used once (so n is capped by the prior's ``capacity``)."""
     n = int(min(n, prior.capacity))
     block = replica_block(n, world.size, world.rank)
-    rng = np.random.Generator(np.random.PCG64(
-        np.random.SeedSequence(seed, spawn_key=(purpose_key("metropolis"), purpose_key(tag), world.rank))))
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(block), batch):
-            m = min(batch, len(block) - start)
-            phi_t, log_r = prior.fresh(m, block.start + start, rng, world.device)
-            phi, logdet_inv = flow.inverse(phi_t)
-            chunks.append(-(target.action(phi) - logdet_inv + log_r))
-    local = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.float64)
+    rng = generator(seed, purpose_key("metropolis"), purpose_key(tag), world.rank)
+    local = fresh_log_weights(flow, prior, target, block, rng, world.device, batch)
     log_w = _gather_log_w(world, local)
     result = None
     if world.is_root:
-        result = {"acceptance": metropolis_acceptance(log_w, rng), "ess": ess(log_w), "proposals": n}
+        result = acceptance_summary(log_w, rng)
     return world.comm.bcast(result, root=0)
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop
+
+
+def _scheduler(optimizer, schedule: str, iterations: int):
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=0.0)
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    raise ValueError(f"unknown schedule {schedule!r} (cosine or constant)")
+
+
+def make_scheduler(optimizer, t):
+    """The learning-rate schedule of ``[train] schedule``: ``cosine`` anneals lr to 0 over
+    ``iterations`` steps (lr_k = lr (1 + cos(pi k / iterations)) / 2, as the authors train),
+    ``constant`` keeps it.  ``t`` is anything with ``schedule`` and ``iterations``."""
+    return _scheduler(optimizer, t.schedule, t.iterations)
+
+
+class Trainer:
+    """Reverse-KL training of a flow from a prior: a plain loop over batches.
+
+    Each :meth:`step` draws fresh prior samples z ~ r, maps them with the generator
+    phi = g(z) (``flow.inverse``) and takes one optimizer step on the loss
+    mean[S(phi) - log|det dg/dz| + log r(z)] = KL(p_g || p) - log Z.  No MPI, no files: the
+    data-parallel train stage of ``python -m hpcflow.run`` wraps this class with its
+    gradient allreduce (``grad_hook``), its checkpoints and its history file.
+
+    Parameters
+    ----------
+    flow : torch.nn.Module
+        The flow to train (changed in place), with ``inverse(z) -> (phi, log|det dg/dz|)``,
+        e.g. :class:`hpcflow.Flow`.
+    prior : object
+        ``sample(n, rng, device) -> (z, log_r)``, e.g. :class:`hpcflow.GaussianPrior`.
+    target : object
+        The target action, ``action(phi) -> [n]``, e.g. :class:`hpcflow.Phi4Action`.
+    optimizer : torch.optim.Optimizer, optional
+        Default: Adam over the flow's parameters with learning rate ``lr``.
+    scheduler : optional
+        A learning-rate scheduler stepped after every optimizer step.  Default: with
+        ``iterations`` given, ``schedule`` over that many steps; else none.
+    lr : float
+        Learning rate of the default optimizer (0.01, the authors').
+    iterations : int, optional
+        Length of the default schedule.
+    schedule : str
+        ``"cosine"`` (lr annealed to 0 over ``iterations``, the authors') or ``"constant"``.
+    batch_size : int
+        Prior samples per step (500, the authors').
+    grad_hook : callable, optional
+        Called as ``grad_hook(parameters)`` after the backward pass, before the optimizer
+        step (the MPI stage sums the gradients over ranks here).
+    callbacks : sequence of callables
+        Each is called with the record of every iteration (:meth:`record`).
+
+    Examples
+    --------
+    >>> flow = Flow(8)
+    >>> trainer = Trainer(flow, GaussianPrior(8), Phi4Action(0.2, 0.0), iterations=300,
+    ...                   batch_size=256)
+    >>> history = trainer.train(300, seed=1)
+    >>> history["acceptance"][-1]          # flow Metropolis acceptance on the last batch
+    """
+
+    def __init__(self, flow, prior, target, optimizer=None, scheduler=None, *, lr: float = 0.01,
+                 iterations: int | None = None, schedule: str = "cosine", batch_size: int = 500,
+                 grad_hook=None, callbacks=()):
+        self.flow, self.prior, self.target = flow, prior, target
+        self.params = list(flow.parameters())
+        self.optimizer = optimizer if optimizer is not None else torch.optim.Adam(self.params, lr=lr)
+        if scheduler is None and iterations is not None:
+            scheduler = _scheduler(self.optimizer, schedule, iterations)
+        self.scheduler = scheduler
+        self.batch_size = batch_size
+        self.grad_hook = grad_hook
+        self.callbacks = list(callbacks)
+        self.iteration = 0
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self._rng = None
+
+    def step(self, rng: np.random.Generator, n: int | None = None,
+             normalisation: float | None = None) -> torch.Tensor:
+        """One optimizer step on ``n`` fresh prior samples drawn from ``rng``.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+            The stream the prior draws from.
+        n : int, optional
+            Samples (default ``batch_size``).
+        normalisation : float, optional
+            The loss is sum(integrand) / normalisation (default n); the MPI stage passes
+            the global batch size, so that the summed gradients are those of the global mean.
+
+        Returns
+        -------
+        torch.Tensor
+            [n] the loss integrand -log w of the samples (detached).
+        """
+        n = self.batch_size if n is None else n
+        self.optimizer.zero_grad(set_to_none=False)
+        integrand, _ = log_weights(self.flow, self.prior, self.target, n, rng, self.device)
+        (integrand.sum() / (n if normalisation is None else normalisation)).backward()
+        if self.grad_hook is not None:
+            self.grad_hook(self.params)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.iteration += 1
+        return integrand.detach()
+
+    def record(self, log_w: np.ndarray, rng: np.random.Generator, t0: float) -> dict:
+        """The record of the iteration just done, passed to every callback.
+
+        Parameters
+        ----------
+        log_w : numpy.ndarray
+            Log weights of the iteration's batch (all ranks' for the MPI stage).
+        rng : numpy.random.Generator
+            Draws the uniforms of the batch's independence Metropolis chain.
+        t0 : float
+            ``time.perf_counter()`` at the start of training.
+
+        Returns
+        -------
+        dict
+            ``iteration`` (steps done), ``loss`` (mean -log w), ``acceptance`` (flow
+            Metropolis acceptance on the batch), ``ess``, ``seconds`` since ``t0``.
+        """
+        acceptance = metropolis_acceptance(log_w, rng)
+        rec = {"iteration": self.iteration, "loss": float(-log_w.mean()), "acceptance": acceptance,
+               "ess": ess(log_w), "seconds": time.perf_counter() - t0}
+        for callback in self.callbacks:
+            callback(rec)
+        return rec
+
+    def evaluate(self, n: int, rng: np.random.Generator, batch: int = 1024) -> dict:
+        """Flow Metropolis acceptance and ESS on ``n`` fresh proposals (``prior.fresh``;
+        at most the prior's ``capacity``): {"acceptance", "ess", "proposals"}."""
+        n = int(min(n, getattr(self.prior, "capacity", n)))
+        self.flow.eval()
+        log_w = fresh_log_weights(self.flow, self.prior, self.target, range(n), rng,
+                                  self.device, batch)
+        return acceptance_summary(log_w.cpu().numpy(), rng)
+
+    def train(self, iterations: int, seed: int | None = None,
+              rng: np.random.Generator | None = None, callbacks=()) -> dict[str, list]:
+        """Take ``iterations`` steps; return the history of their records.
+
+        Parameters
+        ----------
+        iterations : int
+            Optimizer steps.
+        seed : int, optional
+            Starts a new stream, as the train stage's rank 0 at iteration 0 with this run
+            seed.  Without ``seed`` (and ``rng``) the trainer's stream continues where the
+            last call left it (seed 0 at the first call).
+        rng : numpy.random.Generator, optional
+            A stream of the caller's to draw the prior samples and Metropolis numbers from.
+        callbacks : sequence of callables
+            Called with every record, after the trainer's own callbacks.
+
+        Returns
+        -------
+        dict
+            {key: list over iterations} for the keys of :meth:`record`.
+        """
+        if rng is None:
+            if seed is not None or self._rng is None:
+                self._rng = generator(0 if seed is None else seed, purpose_key("train"), 0, 0)
+            rng = self._rng
+        history = {k: [] for k in HISTORY_KEYS}
+        t0 = time.perf_counter()
+        self.flow.train()
+        for _ in range(iterations):
+            integrand = self.step(rng)
+            rec = self.record(-integrand.cpu().numpy(), rng, t0)
+            for callback in callbacks:
+                callback(rec)
+            for k in HISTORY_KEYS:
+                history[k].append(rec[k])
+        return history
+
+
+def allreduce_hook(world):
+    """The gradient hook of the data-parallel stage: the sum over ranks of every
+    parameter's gradient, by one MPI Allreduce of the flattened gradients."""
+
+    def hook(params):
+        grads = _flat_grads(params)
+        world.comm.Allreduce(grads.copy(), grads)  # sum over ranks: gradient of the global mean
+        _set_grads(params, grads, world.device)
+
+    return hook
+
+
+def _flat_grads(params) -> np.ndarray:
+    return np.concatenate([(p.grad if p.grad is not None else torch.zeros_like(p))
+                           .detach().cpu().numpy().ravel() for p in params])
+
+
+def _set_grads(params, flat: np.ndarray, device):
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = torch.from_numpy(flat[offset:offset + n].reshape(p.shape).copy()).to(device)
+        offset += n
+
+
+def _broadcast_weights(world, flow):
+    state = world.comm.bcast({k: v.cpu() for k, v in flow.state_dict().items()} if world.is_root else None)
+    flow.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,38 +431,33 @@ def build_flow(cfg, device) -> Flow:
 
 
 # ---------------------------------------------------------------------------------------
-# Training
+# The MPI train stage
 
 
-def make_scheduler(optimizer, t):
-    """The learning-rate schedule of ``[train] schedule``: ``cosine`` anneals lr to 0 over
-    ``iterations`` steps (lr_k = lr (1 + cos(pi k / iterations)) / 2, as the authors train),
-    ``constant`` keeps it."""
-    if t.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.iterations, eta_min=0.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+def train(cfg, world, prior, target, path: Path, force: bool = False, log=None) -> dict:
+    """The train stage: train (or resume, or skip) the flow of ``cfg``; returns the saved
+    payload.
 
+    A :class:`Trainer` with the gradient allreduce (:func:`allreduce_hook`): each rank
+    draws its share of ``[train] batch_size`` from its own stream, keyed by (rank, iteration
+    of the last checkpoint), so a resumed training repeats the uninterrupted one exactly on
+    the same number of ranks.  Rank 0 keeps the history (a callback), measures the flow
+    acceptance every ``eval_every`` iterations and writes the flow file at checkpoints.
 
-def _flat_grads(params) -> np.ndarray:
-    return np.concatenate([(p.grad if p.grad is not None else torch.zeros_like(p))
-                           .detach().cpu().numpy().ravel() for p in params])
-
-
-def _set_grads(params, flat: np.ndarray, device):
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = torch.from_numpy(flat[offset:offset + n].reshape(p.shape).copy()).to(device)
-        offset += n
-
-
-def _broadcast_weights(world, flow):
-    state = world.comm.bcast({k: v.cpu() for k, v in flow.state_dict().items()} if world.is_root else None)
-    flow.load_state_dict(state)
-
-
-def train(cfg, world: World, prior, target, path: Path, force: bool = False, log=print) -> dict:
-    """Train (or resume, or skip) the flow of ``cfg``; returns the saved payload."""
+    Parameters
+    ----------
+    cfg : hpcflow.config.Config
+    world : hpcflow.parallel.World
+    prior, target
+        As for :class:`Trainer`.
+    path : pathlib.Path
+        The flow file; ``train.json`` is written beside it.
+    force : bool
+        Retrain even if the file holds a finished training of this input.
+    log : callable, optional
+        Where rank 0's messages go (default: the ``hpcflow`` logger at INFO).
+    """
+    log = logger.info if log is None else log
     t = cfg.train
     fp = flow_fingerprint(cfg)
     payload = None
@@ -249,8 +479,7 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
     optimizer = torch.optim.Adam(params, lr=t.lr)
     scheduler = make_scheduler(optimizer, t)
     timing = {"seconds": 0.0, "segments": []}
-    history = {"iteration": [], "loss": [], "acceptance": [], "ess": [], "seconds": [],
-               "metropolis": []}
+    history = {k: [] for k in HISTORY_KEYS} | {"metropolis": []}
     start = 0
     if payload is not None:  # resume an unfinished training
         flow.load_state_dict(payload["state_dict"])
@@ -263,6 +492,14 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
             log(f"[train] resuming {path} at iteration {start}/{t.iterations}")
     else:
         _broadcast_weights(world, flow)
+
+    def keep(rec):
+        for k in HISTORY_KEYS:
+            history[k].append(rec[k])
+
+    trainer = Trainer(flow, prior, target, optimizer, scheduler, batch_size=t.batch_size,
+                      grad_hook=allreduce_hook(world), callbacks=[keep])
+    trainer.iteration = start
     eval_every = t.eval_every or max(1, t.iterations // 20)
     n_params = sum(p.numel() for p in params)
     block = replica_block(t.batch_size, world.size, world.rank)
@@ -308,25 +545,11 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
     for it in range(start, t.iterations):
         if rng is None or it % t.checkpoint_every == 0:
             # streams restart at checkpoints, so a resumed training draws what it would have
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-                cfg.run.seed, spawn_key=(purpose_key("train"), world.rank, it))))
-        optimizer.zero_grad(set_to_none=False)
-        integrand, _ = log_weights(flow, prior, target, len(block), rng, world.device)
-        (integrand.sum() / t.batch_size).backward()
-        grads = _flat_grads(params)
-        world.comm.Allreduce(grads.copy(), grads)  # sum over ranks: gradient of the global mean
-        _set_grads(params, grads, world.device)
-        optimizer.step()
-        scheduler.step()
-
+            rng = generator(cfg.run.seed, purpose_key("train"), world.rank, it)
+        integrand = trainer.step(rng, len(block), normalisation=t.batch_size)
         log_w = _gather_log_w(world, -integrand)
         if world.is_root:
-            acc = metropolis_acceptance(log_w, rng)
-            history["iteration"].append(it + 1)
-            history["loss"].append(float(-log_w.mean()))
-            history["acceptance"].append(acc)
-            history["ess"].append(ess(log_w))
-            history["seconds"].append(time.perf_counter() - t0)
+            trainer.record(log_w, rng, t0)
         done = it + 1
         if done % eval_every == 0 or done == t.iterations:
             m = evaluate(done)
@@ -350,7 +573,7 @@ def train(cfg, world: World, prior, target, path: Path, force: bool = False, log
     if world.is_root:
         final["acceptance"] = history["metropolis"][-1]["acceptance"] if history["metropolis"] else None
         save_flow(path, final)
-        path.with_name("train.json").write_text(json.dumps(
+        path.with_name(HISTORY_FILE).write_text(json.dumps(
             {"prior": prior.name, "spec": flow.spec(), "history": history,
              "train_time": final["train_time"]}, indent=1) + "\n")
     world.comm.Barrier()

@@ -57,12 +57,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import FlowFamilyError
+
 BLOCKS = ("pair", "single")
 FAMILY = "generative-tanh-scale"
-
-
-class FlowFamilyError(ValueError):
-    """A flow description (spec) from another flow family than this version's."""
 
 
 def checkerboard(L: int, parity: int) -> torch.Tensor:
@@ -222,10 +220,44 @@ class GlobalScale(nn.Module):
 
 
 class Flow(nn.Module):
-    """g = scale o step_n o ... o step_1 (generative order), f = g^-1 (see the module doc).
+    """The paper's flow: g = scale o step_n o ... o step_1 (generative order), f = g^-1.
 
-    ``couplings`` (a ModuleList) are the steps in the order the generator applies them,
-    ``scale`` the :class:`GlobalScale`."""
+    Each step keeps one checkerboard and updates the other,
+    y_B = exp(-|s(x_A)|) x_B + t(x_A), with s and t bias-free circular convolutions each
+    followed by tanh; a global scale phi = exp(lambda) y comes last (module docstring,
+    PHYSICS.md section 5).  A fresh flow is the identity.
+
+    Parameters
+    ----------
+    L : int
+        Lattice extent (even: checkerboards).
+    kernel_size : int
+        Odd convolution kernel size k of s and t (3: the minimal model).
+    layers : int
+        Coupling layers: pairs of complementary steps (``block = "pair"``) or single steps.
+    hidden : tuple of int
+        Hidden channels of s and t (empty: one convolution each).
+    block : str
+        ``"pair"`` or ``"single"``, what ``layers`` counts.
+
+    Attributes
+    ----------
+    couplings : torch.nn.ModuleList
+        The steps in the order the generator applies them.
+    scale : GlobalScale
+        The learned global scale exp(lambda).
+
+    Notes
+    -----
+    ``inverse(z) -> (phi, log|det dg/dz|)`` is the generator g, ``forward(phi) ->
+    (z, log|det df/dphi|)`` the trivializing map f; ``frozen()`` the fixed-weight evaluator
+    with the analytic force pullback that :class:`hpcflow.FlowedAction` uses.
+
+    Examples
+    --------
+    >>> flow = Flow(8)                              # one coupling layer, k = 3: 37 parameters
+    >>> phi, logdet = flow.inverse(torch.randn(4, 8, 8, dtype=torch.float64))
+    """
 
     def __init__(self, L: int, kernel_size: int = 3, layers: int = 1,
                  hidden: tuple[int, ...] = (), block: str = "pair"):
