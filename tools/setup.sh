@@ -104,6 +104,9 @@ fi
 say "pyerrors, matplotlib, pytest, pytest-mpi, hpcflow"
 # h5py is already satisfied by the parallel build, so pip keeps it.
 pip_q pyerrors matplotlib pytest pytest-mpi "$TORCH_SPEC"
+# A distribution named "hpcflow" (this package's name before 0.2, or PyPI's unrelated workflow
+# manager) would own the same import name: remove it before installing hpcflow-phi4.
+"$PY" -m pip uninstall -y -q hpcflow >/dev/null 2>&1 || true
 pip_q --no-build-isolation --no-deps -e "$ROOT"
 
 "$PY" -c 'import h5py, mpi4py, torch, pyerrors, hpcflow; assert h5py.get_config().mpi'
