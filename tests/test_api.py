@@ -18,9 +18,26 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
-def test_import_and_use_without_mpi():
-    """``import hpcflow`` and the main objects, used, never import mpi4py (so never
-    initialise MPI)."""
+def test_import_without_mpi():
+    """``import hpcflow``, its public names and the modules of the library layer (the
+    drivers too: they import mpi4py only when they run) leave mpi4py unimported."""
+    r = run_python("""
+import sys
+import hpcflow
+names = [getattr(hpcflow, n) for n in hpcflow.__all__]
+import hpcflow.analysis, hpcflow.coarse, hpcflow.production, hpcflow.run, hpcflow.study
+import hpcflow.train
+assert "mpi4py" not in sys.modules, "mpi4py was imported"
+print("ok", len(names))
+""")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ok", str(len(hf.__all__))]
+
+
+@pytest.mark.slow
+def test_main_objects_used_without_mpi():
+    """The main objects, constructed and used, never import mpi4py (so never initialise
+    MPI)."""
     r = run_python("""
 import sys
 import numpy as np

@@ -101,8 +101,9 @@ def to_obs(data, ens_name: str):
         ``e_tauint[ens_name]``.
 
     Notes
-    -----  The fluctuations of every replica are taken
-    about the overall mean m = (1/(R n)) sum_{r,i} x_{r,i}, as in Wolff's UWerr
+    -----
+    The fluctuations of every replica are taken about the overall mean
+    m = (1/(R n)) sum_{r,i} x_{r,i}, as in Wolff's UWerr
     (U. Wolff, Comput. Phys. Commun. 156 (2004) 143, section 3.3; PHYSICS.md section 7):
 
         Gamma(t) = sum_r sum_{i=1}^{n-t} (x_{r,i} - m)(x_{r,i+t} - m) / (R (n - t)),
@@ -111,7 +112,14 @@ def to_obs(data, ens_name: str):
     value is m (derived observables are evaluated at the overall means, never at one short
     replica's).  ``pe.Obs([x_r for r], names)`` would subtract each replica's own mean,
     which biases Gamma(t) by about -2 tau_int Gamma(0) / n at every t, and tau_int and the
-    error low with it, when the replicas are short.  Use this for every tau_int."""
+    error low with it, when the replicas are short.  Use this for every tau_int.
+
+    Examples
+    --------
+    >>> o = to_obs(M, "run_hmc")           # M: numpy array [replicas, measurements]
+    >>> o.gamma_method()
+    >>> o.value, o.dvalue, o.e_tauint["run_hmc"]
+    """
     import pyerrors as pe
 
     data = np.asarray(data, dtype=float)
@@ -141,7 +149,6 @@ def recentre(o):
 
     Notes
     -----
-
     pyerrors' JSON reader (``pe.input.json.load_json``) re-centres each replica's deltas on
     that replica's own mean (r_value_r = value + mean_r(deltas)), which turns an Obs of
     :func:`to_obs` into the plain, biased one; this undoes it exactly:
