@@ -181,9 +181,14 @@ def test_study_rows_hmc_controls_and_ratio(both, tmp_path, capsys):
             "cost_seconds_per_independent_sample"} <= set(header) and "input" not in header
 
 
-def test_force_bench_measures_a_ratio():
-    t = study.best_seconds(lambda: sum(range(1000)), repeats=2, min_seconds=0.005)
-    assert 0 < t < 0.01
+def test_force_bench_times_both_alternately():
+    """paired_ratio calibrates each callable, then times them in turn in every repeat."""
+    calls = []
+    ratio, t_a, t_b = study.paired_ratio(lambda: calls.append("a"), lambda: calls.append("b"),
+                                         repeats=3, min_seconds=0.002)
+    assert ratio > 0 and t_a > 0 and t_b > 0 and np.isfinite(ratio)
+    runs = [k for i, k in enumerate(calls) if i == 0 or calls[i - 1] != k]
+    assert runs[-6:] == ["a", "b"] * 3   # after calibration: a-block, b-block, three times
 
 
 def test_paren_format():

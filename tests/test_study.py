@@ -67,3 +67,36 @@ def test_no_bench_skips_the_force_cost(runs, capsys):
     rows = study.collect([runs / "k3"], bench=False)
     assert [r["cost"]["force_cost"] for r in rows] == [1.0, None]
     assert rows[1]["cost"]["cost_hmc_forces"] is None
+
+
+def _row(algorithm, length, tau, dtau, c_M=1.0):
+    return {"algorithm": algorithm, "L": 16, "beta": 0.634, "lambda": 0.5, "length": length,
+            "integrator": "leapfrog", "tau_int": {"value": tau, "error": dtau},
+            "c_M": {"value": c_M, "error": 0.0}}
+
+
+def test_hmc_at_equivalent_length_interpolates_the_controls():
+    """tau_int(M) of HMC at tau / c_M, log-log between the bracketing lengths; a flow that
+    only rescales the slow mode has gain_beyond_rescaling 1."""
+    import math
+
+    hmc = [_row("hmc", 1.0, 80.0, 4.0), _row("hmc", 2.0, 20.0, 1.0), _row("hmc", 4.0, 8.0, 0.4)]
+    rescaling = _row("fhmc", 1.0, 80.0 / 2 ** 1.5, 1.0, c_M=1 / 2 ** 0.75)   # tau/c = 2^0.75
+    faster = _row("fhmc", 1.0, 10.0, 0.5, c_M=0.5)                          # tau/c = 2: exact row
+    outside = _row("fhmc", 1.0, 50.0, 2.0, c_M=0.2)                         # tau/c = 5 > 4
+    rows = hmc + [rescaling, faster, outside]
+    for r in rows:
+        study.add_rescaling_control(rows, r)
+    eq = rescaling["hmc_equivalent"]
+    assert eq["between"] == [1.0, 2.0] and eq["length"] == pytest.approx(2 ** 0.75)
+    assert eq["tau_int"]["value"] == pytest.approx(80.0 * (20.0 / 80.0) ** 0.75)
+    w = 0.75
+    assert eq["tau_int"]["error"] == pytest.approx(
+        eq["tau_int"]["value"] * math.hypot((1 - w) * 0.05, w * 0.05))
+    assert rescaling["gain_beyond_rescaling"]["value"] == pytest.approx(
+        80.0 * 0.25 ** 0.75 / (80.0 / 2 ** 1.5))
+    assert faster["hmc_equivalent"]["tau_int"] == {"value": 20.0, "error": 1.0}
+    assert faster["gain_beyond_rescaling"]["value"] == pytest.approx(2.0)
+    assert outside["hmc_equivalent"] is None
+    assert outside["gain_beyond_rescaling"] == {"value": None, "error": None}
+    assert hmc[0]["hmc_equivalent"] is None

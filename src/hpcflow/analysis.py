@@ -25,7 +25,7 @@ Observables (PHYSICS.md section 2), V = L^2:
   periodic lattice) over t_min <= t < L/2: ``pyerrors.Corr(C).m_eff("arccosh")`` with its
   errors from the Gamma method at the configured S, then ``Corr.plateau(method="fit")``, an
   uncorrelated constant fit, i.e. the mean weighted by 1/dm_eff^2 with the weights held
-  fixed in the error propagation (as before analysis schema 3, which weighted with errors at
+  fixed in the error propagation (as before analysis schema 4, which weighted with errors at
   S = 2 whatever S was set; a plateau of one point is that point);
 - c_M = std(M_z) / std(M) = sqrt((<M_z^2> - <M_z>^2) / (<M^2> - <M>^2)), the slow-mode
   scale of a flow (PHYSICS.md section 5.1), M_z the lattice mean of the chain variable z
@@ -75,9 +75,10 @@ from .store import Ensemble, load_ensemble
 #: cached analysis written by code whose results differ is never reused.  History:
 #: 1 (unversioned): per-replica means in the Gamma method (biased low);
 #: 2: overall mean (:func:`to_obs`), c_M, cost, input text;
-#: 3: m_eff and its plateau from ``pyerrors.Corr`` (errors of m_eff, and so the plateau
+#: 3: ``stability``, tau_int(M) from the first half of every replica;
+#: 4: m_eff and its plateau from ``pyerrors.Corr`` (errors of m_eff, and so the plateau
 #:    weights, at the configured S instead of S = 2).
-SCHEMA = 3
+SCHEMA = 4
 
 #: Former name of :func:`hpcflow.store.load_ensemble`.
 load = load_ensemble
@@ -187,6 +188,19 @@ def slow_mode_scale(e: Ensemble, p: dict):
     if "Mz" not in p:
         return 1.0
     return np.sqrt((p["Mz2"] - p["Mz"] ** 2) / (p["M2"] - p["M"] ** 2))
+
+
+def first_half_tau(e: Ensemble, S: float) -> dict | None:
+    """tau_int(M) from the first half of every replica, beside the full one: PHYSICS.md 5.1
+    asks that tau_int be stable when the chains are doubled (the Gamma method is biased low
+    when a replica is short against tau_int).  None with fewer than 4 measurements."""
+    n = e.M.shape[1] // 2
+    if n < 2:
+        return None
+    o = to_obs(e.M[:, :n], e.name)
+    o.gamma_method(S=S)
+    return {"measurements": n, "M_tau_int": float(o.e_tauint[e.name]),
+            "M_tau_int_error": float(o.e_dtauint[e.name])}
 
 
 def forces_per_trajectory(steps: int, integrator: str) -> int | None:
@@ -376,6 +390,7 @@ def _derive(e, p, L, V, S, plateau_min):
         "plateau": [tmin, L // 2 - 1],
         "md": ({"length": float(a["length"]), "steps": int(a["steps"]),
                 "integrator": str(a["integrator"])} if "steps" in a else None),
+        "stability": first_half_tau(e, S),
         "c_M": ({"value": 1.0, "error": 0.0} if isinstance(c_M, float)
                 else entry(c_M, tau=False)),
         "cost": cost_entry(e),

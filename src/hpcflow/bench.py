@@ -6,6 +6,8 @@ Measures, on one rank and one device, what a production costs:
   batch of B chains, for each B of ``--batches``: trajectories per second of the batch,
   per replica (B times that), and the cost of one batch trajectory relative to B = 1.
   A batched code costs a small multiple of one chain's trajectory, not B times it.
+  With ``--compiled`` the fused trajectory of :mod:`hpcflow.fused` (torch.compile) is timed
+  beside the eager one for each B: site-steps per second, speed-up, compilation seconds.
 - ``fhmc_vs_hmc``: one FHMC trajectory (FlowedAction over the [flow] architecture given by
   ``--kernel-size``, ``--layers``, ``--hidden``; forces by autograd) against one HMC
   trajectory, both with ``--fhmc-batch`` chains and the same integrator: the cost ratio.
@@ -48,8 +50,9 @@ def _sync(device):
 
 
 def time_hmc(action, B, L, n_traj, steps, device, warmup=5, repeat=3, seed=1,
-             integrator="leapfrog"):
-    """Best-of-``repeat`` seconds per batch trajectory for B chains (random numbers included)."""
+             integrator="leapfrog", trajectory=None):
+    """Best-of-``repeat`` seconds per batch trajectory for B chains (random numbers included);
+    ``trajectory`` is a fused trajectory function for hmc_step (:mod:`hpcflow.fused`)."""
     streams = ReplicaStreams(seed, range(B), "bench")
     state = init_state(action, 0.5 * streams.normal((L, L), device))
     integ = INTEGRATORS[integrator]
@@ -58,7 +61,7 @@ def time_hmc(action, B, L, n_traj, steps, device, warmup=5, repeat=3, seed=1,
         nonlocal state
         for _ in range(n):
             state, _ = hmc_step(action, state, streams.normal((L, L), device),
-                                streams.log_uniform(device), integ, 1.0, steps)
+                                streams.log_uniform(device), integ, 1.0, steps, trajectory)
 
     trajectories(warmup)
     best = float("inf")
@@ -77,8 +80,29 @@ def bench_hmc_batch(args, device):
     for B in args.batches:
         sec = time_hmc(action, B, args.L, args.trajectories, args.steps, device,
                        args.warmup, args.repeat)
-        rows.append({"B": B, "seconds_per_trajectory": sec, "trajectories_per_second": 1 / sec,
-                     "replica_trajectories_per_second": B / sec})
+        row = {"B": B, "seconds_per_trajectory": sec, "trajectories_per_second": 1 / sec,
+               "replica_trajectories_per_second": B / sec,
+               "site_steps_per_second": B * args.L ** 2 * args.steps / sec}
+        if args.compiled:
+            from . import fused
+
+            streams = ReplicaStreams(2, range(B), "bench-compile")
+            example = (0.5 * streams.normal((args.L, args.L), device),
+                       streams.normal((args.L, args.L), device))
+            t0 = time.perf_counter()
+            try:
+                traj = fused.compile_trajectory(action, INTEGRATORS["leapfrog"], 1.0, args.steps,
+                                                example)
+            except fused.CompileUnavailable as err:
+                row["compiled"] = {"unavailable": str(err)}
+            else:
+                compile_s = time.perf_counter() - t0
+                sec_c = time_hmc(action, B, args.L, args.trajectories, args.steps, device,
+                                 args.warmup, args.repeat, trajectory=traj)
+                row["compiled"] = {"compile_seconds": compile_s, "seconds_per_trajectory": sec_c,
+                                   "site_steps_per_second": B * args.L ** 2 * args.steps / sec_c,
+                                   "speedup": sec / sec_c}
+        rows.append(row)
     base = rows[0]["seconds_per_trajectory"]
     for r in rows:
         r["cost_relative_to_first"] = r["seconds_per_trajectory"] / base
@@ -264,6 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--hidden", default="", help="comma list of hidden channels")
     ap.add_argument("--skip-fhmc", action="store_true")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time the fused torch.compile trajectory (hpcflow.fused) per batch")
     ap.add_argument("--frozen-backends", action="store_true",
                     help="only compare the sparse and fft FrozenFlow backends (see above)")
     ap.add_argument("--max-seconds", type=float, default=2.0,
@@ -286,8 +312,14 @@ def main(argv=None) -> int:
           f"{args.threads} thread(s)")
     print(f"{'B':>6s} {'traj/s':>10s} {'replica traj/s':>15s} {'cost / cost(B=1)':>17s}")
     for r in result["hmc_batch"]:
+        c = r.get("compiled", {})
+        fused_text = (f"   compiled: {c['site_steps_per_second'] / 1e6:.0f} M site-steps/s "
+                      f"(eager {r['site_steps_per_second'] / 1e6:.0f} M, x{c['speedup']:.2f}, "
+                      f"compile {c['compile_seconds']:.1f} s)" if "speedup" in c else
+                      f"   compiled: {c['unavailable']}" if c else "")
         print(f"{r['B']:6d} {r['trajectories_per_second']:10.1f} "
-              f"{r['replica_trajectories_per_second']:15.1f} {r['cost_relative_to_first']:17.2f}")
+              f"{r['replica_trajectories_per_second']:15.1f} {r['cost_relative_to_first']:17.2f}"
+              + fused_text)
     if not args.skip_fhmc:
         r = result["fhmc_vs_hmc"] = bench_fhmc(args, device)
         print(f"FHMC vs HMC, L={args.L}, B={r['B']}, flow {r['flow']}: "

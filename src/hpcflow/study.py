@@ -16,6 +16,8 @@ section 4:
   ``measurements``, ``chi``, ``absM``;
 - ``tau_int`` {value, error}: of M, in trajectories (Gamma method over all replicas about
   their overall mean, :func:`hpcflow.analysis.to_obs`);
+- ``tau_int_first_half`` {value, error}: tau_int(M) from the first half of every replica,
+  the check that tau_int is stable when the chains are doubled (PHYSICS.md 5.1);
 - ``ratio`` {value, error}: tau_int(M) of the reference HMC over this row's,
   r = tau_ref / tau, dr = r sqrt((dtau_ref / tau_ref)^2 + (dtau / tau)^2) (independent
   ensembles; the reference row itself has 1 +- 0).  The reference is the HMC ensemble at
@@ -23,6 +25,10 @@ section 4:
   HMC at other lengths (the trajectory-length controls tau = 2, 4) are rows with a ratio
   of their own.  ``ratio_reference`` names the reference file;
 - ``c_M`` {value, error}: the slow-mode scale std(M_z) / std(M) (1 for HMC);
+- ``hmc_equivalent`` {length, tau_int {value, error}} and ``gain_beyond_rescaling``
+  {value, error} (FHMC rows): HMC's tau_int(M) at the trajectory length tau / c_M, which is
+  what FHMC with a linear flow of scale c_M would give (PHYSICS.md 5.1), interpolated
+  between the HMC length controls, and its ratio to the row's tau_int (:func:`add_rescaling_control`);
 - ``cost``: the ensemble's recorded cost (:func:`hpcflow.analysis.cost_entry`: wall and
   rank seconds, ranks, device, trajectories, ``seconds_per_trajectory_per_replica``,
   ``forces_per_trajectory`` = n_steps x forces_per_step + 1) and
@@ -30,7 +36,8 @@ section 4:
   - ``force_cost``: the time of one force evaluation of this row's action in units of one
     :class:`hpcflow.action.Phi4Action` force on the same batch, measured in this process
     (1 for HMC; for FHMC ``FlowedAction(Phi4Action(beta, lambda), flow).force`` on B unit
-    Gaussian fields, B = replicas per rank of the ensemble; best of several repeats each;
+    Gaussian fields, B = replicas per rank of the ensemble; the median over repeats of
+    the ratio of the two, timed alternately;
     one measurement per flow file and batch; None with ``--no-bench``).
     ``force_cost_bench`` records how (device, batch, seconds per force of each);
   - ``cost_hmc_forces`` = tau_int x forces_per_trajectory x force_cost: the number of
@@ -92,10 +99,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def best_seconds(fn, device="cpu", repeats: int = BENCH_REPEATS,
-                 min_seconds: float = BENCH_MIN_SECONDS) -> float:
-    """Seconds per call of ``fn()``: the best of ``repeats`` timings of n calls each, with
-    n grown until one timing takes at least ``min_seconds`` (after one warm-up call)."""
+def _calibrate(fn, device, min_seconds: float) -> int:
+    """Calls of ``fn()`` needed for one timing of at least ``min_seconds`` (after a warm-up)."""
     fn()
     _sync(device)
     n = 1
@@ -106,16 +111,28 @@ def best_seconds(fn, device="cpu", repeats: int = BENCH_REPEATS,
         _sync(device)
         dt = time.perf_counter() - t0
         if dt >= min_seconds or n >= 1 << 20:
-            break
+            return n
         n = max(2 * n, int(n * 1.2 * min_seconds / max(dt, 1e-9)))
-    best = dt / n
-    for _ in range(repeats - 1):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        _sync(device)
-        best = min(best, (time.perf_counter() - t0) / n)
-    return best
+
+
+def _seconds(fn, n, device) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def paired_ratio(fn, ref, device="cpu", repeats: int = BENCH_REPEATS,
+                 min_seconds: float = BENCH_MIN_SECONDS) -> tuple[float, float, float]:
+    """(median over ``repeats`` of t(fn) / t(ref), best t(fn), best t(ref)), seconds per call.
+
+    The two are timed alternately within each repeat, so a change of the machine's load
+    hits both; the median of the paired ratios is robust against a disturbed repeat."""
+    n_fn, n_ref = _calibrate(fn, device, min_seconds), _calibrate(ref, device, min_seconds)
+    pairs = [(_seconds(fn, n_fn, device), _seconds(ref, n_ref, device)) for _ in range(repeats)]
+    return (float(np.median([a / b for a, b in pairs])), min(a for a, _ in pairs),
+            min(b for _, b in pairs))
 
 
 class ForceBench:
@@ -159,14 +176,15 @@ class ForceBench:
             flowed = FlowedAction(target, flow)
             g = torch.Generator().manual_seed(0)
             z = torch.randn(batch, L, L, generator=g, dtype=torch.float64).to(self.device)
-            t_flowed = best_seconds(lambda: flowed.force(z), self.device, self.repeats)
-            t_phi4 = best_seconds(lambda: target.force(z), self.device, self.repeats)
+            ratio, t_flowed, t_phi4 = paired_ratio(lambda: flowed.force(z),
+                                                   lambda: target.force(z), self.device,
+                                                   self.repeats)
             from .production import device_label
 
             how = {"device": device_label(self.device), "batch": batch,
                    "seconds_flowed_force": t_flowed, "seconds_phi4_force": t_phi4,
-                   "repeats": self.repeats}
-            self._costs[key] = (t_flowed / t_phi4, how)
+                   "repeats": self.repeats, "statistic": "median of paired ratios"}
+            self._costs[key] = (ratio, how)
         return self._costs[key]
 
 
@@ -228,6 +246,9 @@ def row_from_analysis(js: dict, run_dir: str) -> dict:
            "flow_acceptance": None, "replicas": js["replicas"], "measurements": js["measurements"],
            "tau_int": {"value": o["M"]["tau_int"], "error": o["M"]["tau_int_error"]},
            "ratio": {"value": None, "error": None}, "ratio_reference": None,
+           "tau_int_first_half": ({"value": js["stability"]["M_tau_int"],
+                                   "error": js["stability"]["M_tau_int_error"]}
+                                  if js.get("stability") else {"value": None, "error": None}),
            "c_M": _vd(js.get("c_M")), "chi": o["chi"], "absM": o["absM"], "cost": cost,
            "run": run_dir, "file": js["file"], "flow_file": None,
            "hpcflow_version": js.get("hpcflow_version"), "input": js.get("input")}
@@ -259,6 +280,49 @@ def _ratio(ref, row) -> dict:
         return {"value": None, "error": None}
     r = a / b
     return {"value": r, "error": r * math.hypot(da / a, db / b)}
+
+
+def hmc_at_length(rows, row, length: float) -> dict | None:
+    """tau_int(M) of HMC at trajectory length ``length``, interpolated between the HMC rows
+    of the same (L, beta, lambda) and integrator that bracket it (the trajectory-length
+    controls), linear in (log length, log tau_int):
+
+        log tau = (1 - w) log tau_1 + w log tau_2,   w = log(length / l_1) / log(l_2 / l_1),
+        d tau / tau = sqrt(((1 - w) d tau_1 / tau_1)^2 + (w d tau_2 / tau_2)^2)
+
+    (independent ensembles).  None when no pair of HMC lengths brackets ``length``; an HMC
+    row at exactly that length is returned as it is."""
+    hmc = sorted((r for r in rows if r["algorithm"] == "hmc" and _same_point(r, row)
+                  and r["integrator"] == row["integrator"] and r["length"]
+                  and r["tau_int"]["value"]), key=lambda r: r["length"])
+    for r in hmc:
+        if math.isclose(r["length"], length, rel_tol=1e-9):
+            return {"length": length, "tau_int": dict(r["tau_int"])}
+    for lo, hi in zip(hmc, hmc[1:]):
+        if lo["length"] < length < hi["length"]:
+            w = math.log(length / lo["length"]) / math.log(hi["length"] / lo["length"])
+            (t1, d1), (t2, d2) = ((r["tau_int"]["value"], r["tau_int"]["error"]) for r in (lo, hi))
+            tau = math.exp((1 - w) * math.log(t1) + w * math.log(t2))
+            rel = math.hypot((1 - w) * d1 / t1, w * d2 / t2)
+            return {"length": length, "tau_int": {"value": tau, "error": tau * rel},
+                    "between": [lo["length"], hi["length"]]}
+    return None
+
+
+def add_rescaling_control(rows, row):
+    """PHYSICS.md 5.1: for a linear generator phi = z / c FHMC at length tau is HMC at
+    tau / c.  With c = c_M (the flow's slow-mode scale), ``hmc_equivalent`` is HMC's
+    tau_int(M) at length tau / c_M (:func:`hmc_at_length`), and ``gain_beyond_rescaling`` =
+    hmc_equivalent / tau_int(M) of this row, the part of the gain that the rescaling of the
+    slow mode does not explain (1 within errors: the flow acts like a longer trajectory)."""
+    row["hmc_equivalent"], row["gain_beyond_rescaling"] = None, {"value": None, "error": None}
+    c = row["c_M"]["value"]
+    if row["algorithm"] != "fhmc" or not c or not row["length"]:
+        return
+    eq = hmc_at_length(rows, row, row["length"] / c)
+    row["hmc_equivalent"] = eq
+    if eq is not None and row["tau_int"]["value"]:
+        row["gain_beyond_rescaling"] = _ratio({"tau_int": eq["tau_int"]}, row)
 
 
 def _mul(*xs):
@@ -300,6 +364,8 @@ def collect(dirs, bench: bool = True, bench_device: str = "cpu",
         if ref is not None:
             row["ratio"] = _ratio(ref, row)
             row["ratio_reference"] = ref["file"]
+    for row in rows:
+        add_rescaling_control(rows, row)
     flows = ForceBench(bench_device, repeats)
     for row in rows:
         add_costs(row, flows, bench)
@@ -352,8 +418,9 @@ def _g(v, fmt=".3g") -> str:
 
 
 COLUMNS = [("algorithm", 34), ("R x N", 11), ("steps", 5), ("acc", 5), ("flow acc", 8),
-           ("c_M", 10), ("tau_int(M)", 11), ("rel.err", 7), ("ratio", 10), ("F/traj", 6),
-           ("F cost", 6), ("tau*F*cost", 10), ("s/indep", 8)]
+           ("c_M", 10), ("tau_int(M)", 11), ("rel.err", 7), ("tau(N/2)", 9), ("ratio", 10),
+           ("HMC@tau/c_M", 11),
+           ("gain/resc", 9), ("F/traj", 6), ("F cost", 6), ("tau*F*cost", 10), ("s/indep", 8)]
 
 
 def table(rows) -> str:
@@ -379,7 +446,11 @@ def table(rows) -> str:
                  f"{r['acceptance']:.3f}", _g(r["flow_acceptance"], ".3f"),
                  paren(r["c_M"]["value"], r["c_M"]["error"]), paren(t["value"], t["error"]),
                  f"{100 * t['error'] / t['value']:.1f}%" if t["value"] else "-",
+                 paren(r["tau_int_first_half"]["value"], r["tau_int_first_half"]["error"]),
                  paren(r["ratio"]["value"], r["ratio"]["error"]),
+                 (paren(r["hmc_equivalent"]["tau_int"]["value"], r["hmc_equivalent"]["tau_int"]["error"])
+                  if r.get("hmc_equivalent") else "-"),
+                 paren(r["gain_beyond_rescaling"]["value"], r["gain_beyond_rescaling"]["error"]),
                  _g(c.get("forces_per_trajectory"), "d"), _g(c.get("force_cost"), ".2f"),
                  _g(c.get("cost_hmc_forces"), ".4g"), _g(c.get("seconds_per_independent_sample"))]
         lines.append(" ".join(f"{s:<{w}s}" if i == 0 else f"{s:>{w}s}"
@@ -390,7 +461,11 @@ def table(rows) -> str:
                      "and acceptance not matched)")
     lines += [
         "tau_int(M) in trajectories (Gamma method, replicas about the overall mean); ratio = "
-        "tau_int(reference HMC) / tau_int; c_M = std(M_z)/std(M)",
+        "tau_int(reference HMC) / tau_int; c_M = std(M_z)/std(M); tau(N/2): tau_int(M) from "
+        "the first half of every replica (stable when the chains are doubled?)",
+        "HMC@tau/c_M = HMC's tau_int(M) at length tau/c_M, interpolated (log-log) between the "
+        "HMC length controls; gain/resc = that / tau_int: the gain the slow-mode rescaling "
+        "does not explain",
         "F/traj = force evaluations per trajectory; F cost = one force of the row's action in "
         "Phi4Action forces (measured here); tau*F*cost in Phi4 forces",
         "s/indep = 2 tau_int x rank-seconds per trajectory per replica, as recorded by the "
