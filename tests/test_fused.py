@@ -89,3 +89,47 @@ def test_flowed_action_stays_eager():
         fused.choose_trajectory("on", act, INTEGRATORS["leapfrog"], 1.0, 5, example)
     with pytest.raises(ValueError, match="compile mode"):
         fused.choose_trajectory("maybe", act, INTEGRATORS["leapfrog"], 1.0, 5, example)
+
+
+@pytest.mark.slow
+def test_compiled_production_equals_eager(tmp_path, compiled):
+    """[run] compile = on gives the eager file's chains: every measurement to 1e-12 and the
+    same accept decisions; the compile time is logged once."""
+    import h5py
+    import numpy as np
+
+    from conftest import write_input
+    from hpcflow import run
+
+    files = {}
+    for mode in ("off", "on"):
+        d = tmp_path / mode
+        d.mkdir()
+        path = write_input(d, L=8, replicas=B, trajectories=30, thermalization=5, steps=5,
+                           checkpoint_every=10)
+        path.write_text(path.read_text().replace("[run]\n", f"[run]\ncompile = {mode}\n", 1))
+        assert run.main([str(path)]) == 0
+        with h5py.File(d / "out" / "hmc.h5") as f:
+            files[mode] = {k: f[k][()] for k in ("observables/M", "observables/C", "mc/dH",
+                                                 "mc/accepted", "checkpoint/phi")}
+    for k, eager in files["off"].items():
+        np.testing.assert_allclose(files["on"][k], eager, rtol=0, atol=1e-12, err_msg=k)
+    assert (files["on"]["mc/accepted"] == files["off"]["mc/accepted"]).all()
+
+
+def test_compile_on_without_a_compiler_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from conftest import write_input
+    from hpcflow import run
+
+    def refuse(fn, **kw):
+        def broken(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return broken
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    path = write_input(tmp_path)
+    path.write_text(path.read_text().replace("[run]\n", "[run]\ncompile = on\n", 1))
+    assert run.main([str(path)]) == 2
+    assert "[run] compile = on: torch.compile failed" in capsys.readouterr().err
+    path.write_text(path.read_text().replace("compile = on", "compile = auto"))
+    assert run.main([str(path), "--force"]) == 0

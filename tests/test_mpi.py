@@ -22,17 +22,20 @@ def mpi_dirs(root, *names):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_one_rank_and_many_ranks_give_identical_chains(mpi_tmp_path):
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+def test_one_rank_and_many_ranks_give_identical_chains(mpi_tmp_path, compile_mode):
+    """Eager, and fused by torch.compile (one compilation per rank and batch shape)."""
     from mpi4py import MPI
 
     from hpcflow import run
 
-    comm, (many, one) = mpi_dirs(mpi_tmp_path, "many", "one")
+    comm, (many, one) = mpi_dirs(mpi_tmp_path, f"many-{compile_mode}", f"one-{compile_mode}")
     kw = dict(L=6, replicas=5, trajectories=30, thermalization=3, save_every=10,
               checkpoint_every=7, stages="hmc, analysis")
     if comm.Get_rank() == 0:
-        write_input(many, **kw)
-        write_input(one, **kw)
+        for d in (many, one):
+            path = write_input(d, **kw)
+            path.write_text(path.read_text().replace("[run]\n", f"[run]\ncompile = {compile_mode}\n", 1))
     comm.Barrier()
     assert run.main([str(many / "t.ini")]) == 0
     if comm.Get_rank() == 0:

@@ -117,6 +117,9 @@ class RunConfig:
     checkpoint_every: int = _key(100, check=positive,
                                  doc="trajectories between writes of measurements and checkpoints")
     progress_every: float = _key(10.0, check=positive, doc="seconds between progress lines (rank 0)")
+    compile: str = _key("off", check=one_of("auto", "on", "off"),
+                        doc="fused HMC trajectories (torch.compile, hpcflow.fused): auto = where "
+                            "the action allows and a compiler works, on = required, off = eager")
 
 
 @dataclass(frozen=True)

@@ -142,8 +142,8 @@ def kinetic(pi: torch.Tensor) -> torch.Tensor:
 
 def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
              integrator: Integrator | str, length: float, n_steps: int,
-             trajectory=None,
-             divergence_threshold: float = DIVERGENCE_THRESHOLD) -> tuple[HMCState, HMCInfo]:
+             divergence_threshold: float = DIVERGENCE_THRESHOLD,
+             trajectory=None) -> tuple[HMCState, HMCInfo]:
     """One HMC trajectory for every chain of the batch.
 
     Randomness is explicit: the caller draws the momenta and the Metropolis numbers (from
@@ -169,11 +169,11 @@ def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
         Trajectory length tau; the step is eps = length / n_steps.
     n_steps : int
         MD steps per trajectory.
+    divergence_threshold : float
+        |dH| above which :attr:`HMCInfo.divergent` is set.
     trajectory : callable, optional
         (phi, pi) -> (phi', pi', S(phi')): replaces the integration and the final action,
         the fused, compiled form of the same (:mod:`hpcflow.fused`).
-    divergence_threshold : float
-        |dH| above which :attr:`HMCInfo.divergent` is set.
 
     Returns
     -------
@@ -188,9 +188,9 @@ def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
     >>> state, info = hmc_step(action, state, streams.normal((8, 8), "cpu"),
     ...                        streams.log_uniform("cpu"), "leapfrog", 1.0, 10)
     """
+    if isinstance(integrator, str):
+        integrator = INTEGRATORS[integrator]
     if trajectory is None:
-        if isinstance(integrator, str):
-            integrator = INTEGRATORS[integrator]
         phi_new, pi_new = integrator(state.phi, pi, action.force, length / n_steps, n_steps)
         S_new = action.action(phi_new)
     else:

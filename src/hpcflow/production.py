@@ -121,6 +121,7 @@ class Production:
     progress: "Progress"
     buffers: "_Buffers"
     flush_from: int
+    trajectory: object = None  # the fused trajectory (hpcflow.fused), None = eager
 
     @property
     def thermalization(self) -> int:
@@ -205,7 +206,31 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
     return Production(cfg, world, section, spec, path, writer, streams,
                       init_state(spec.action, phi), done, total, status, t_start, cost_before,
                       Progress(world, spec.stage, total, done, R, cfg.run.progress_every),
-                      _Buffers(), max(done - n_therm, 0))
+                      _Buffers(), max(done - n_therm, 0),
+                      _trajectory(cfg, world, section, spec, phi))
+
+
+def _trajectory(cfg, world, section, spec, phi):
+    """The fused trajectory of ``[run] compile`` (None: eager), compiled here, once per
+    production, on a dummy state (the chains' random streams are not touched)."""
+    mode = getattr(cfg.run, "compile", "off")
+    if mode == "off":
+        return None
+    from . import fused
+
+    t0 = time.perf_counter()
+    example = (torch.zeros_like(phi), torch.ones_like(phi))
+    try:
+        fn, is_fused = fused.choose_trajectory(
+            mode, spec.action, INTEGRATORS[section.integrator], section.length, section.steps,
+            example, log=lambda msg: logger.info(f"[{spec.stage}] {msg}") if world.is_root else None)
+    except fused.CompileUnavailable as err:
+        raise StageError(f"{cfg.path}: [run] compile = on: {err}") from None
+    if not is_fused:
+        return None
+    logger.info(f"[{spec.stage}] fused trajectory compiled in {time.perf_counter() - t0:.1f} s "
+                f"(torch.compile, {len(phi)} chains on rank {world.rank})")
+    return fn
 
 
 def advance(p: Production) -> None:
@@ -215,7 +240,7 @@ def advance(p: Production) -> None:
     pi = p.streams.normal((L, L), device)
     log_u = p.streams.log_uniform(device)
     p.state, info = hmc_step(p.spec.action, p.state, pi, log_u, INTEGRATORS[section.integrator],
-                             section.length, section.steps)
+                             section.length, section.steps, trajectory=p.trajectory)
     p.progress.add(info)
     p.done += 1
     if p.done > p.thermalization:
