@@ -58,7 +58,7 @@ def test_free_field_mean_magnetization_zero(free_field):
 
 
 def hand_rolled_plateau(C, tmin):
-    """The effective mass and plateau of analysis schema <= 2, written out by hand:
+    """The effective mass and plateau of analysis schema <= 3, written out by hand:
     m_eff(t) = arccosh of the cosh ratio (errors at S = 2), mean weighted by 1/dm^2."""
     points = []
     for t in range(max(1, tmin), len(C) - 1):

@@ -25,7 +25,7 @@ Observables (PHYSICS.md section 2), V = L^2:
   periodic lattice) over t_min <= t < L/2: ``pyerrors.Corr(C).m_eff("arccosh")`` with its
   errors from the Gamma method at the configured S, then ``Corr.plateau(method="fit")``, an
   uncorrelated constant fit, i.e. the mean weighted by 1/dm_eff^2 with the weights held
-  fixed in the error propagation (as before analysis schema 3, which weighted with errors at
+  fixed in the error propagation (as before analysis schema 4, which weighted with errors at
   S = 2 whatever S was set; a plateau of one point is that point);
 - c_M = std(M_z) / std(M) = sqrt((<M_z^2> - <M_z>^2) / (<M^2> - <M>^2)), the slow-mode
   scale of a flow (PHYSICS.md section 5.1), M_z the lattice mean of the chain variable z
