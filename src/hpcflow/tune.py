@@ -20,7 +20,9 @@ Ising class, nu = 1/2 for the free field, where m^2 rather than m is linear).
    xi = L / target, which extrapolates to larger L; at lambda = 0 the exact free-field beta.
 2. With one point, the next beta follows the critical model m ~ (beta_c - beta)^nu:
    beta_c - beta_1 = (beta_c - beta_0) (target / y_0)^(1/nu), moved at least ``--step``
-   (a relative change of y of 5 %) away from beta_0 so that the points bracket the target.
+   (a relative change of y of 10 %) away from beta_0 so that the points bracket the target
+   and the slope has a lever arm of several errors of y (with 5 % the slope of two points
+   2 % apart in error is uncertain by ~40 %, and the error of beta* with it).
 3. With two or more, a weighted straight-line fit of y against beta through the (at most
    ``--fit-points``) points closest to the target gives beta* (secant / regression); while
    the target is not yet bracketed, the next point is aimed half a step beyond beta*.
@@ -57,7 +59,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +235,7 @@ class Settings:
     work: str = ""
     beta0: float | None = None
     beta_c: float | None = None
-    step: float = 0.05
+    step: float = 0.10
     min_points: int = 3
     max_points: int = 6
     fit_points: int = 3
@@ -435,8 +437,6 @@ def tune(s: Settings) -> dict:
     beta = s.beta0 if s.beta0 is not None else default_beta0(s.L, s.target, s.lam)
     if not 0 < beta < beta_c:
         raise TuneError(f"the start beta = {beta:g} must lie in (0, beta_c = {beta_c:g})")
-    if s.lam == 0 and s.L / s.target <= 0:
-        raise TuneError("target out of range")
     t0 = time.time()
     points: list[Point] = []
     while beta is not None and len(points) < s.max_points:
@@ -520,8 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--beta0", type=float, default=None, help="starting beta (default: table)")
     ap.add_argument("--beta-c", type=float, default=None,
                     help="critical coupling of the step model (default: from the table / 1/2)")
-    ap.add_argument("--step", type=float, default=0.05,
-                    help="smallest relative change of L/xi between points (default 0.05)")
+    ap.add_argument("--step", type=float, default=0.10,
+                    help="smallest relative change of L/xi between points (default 0.10)")
     ap.add_argument("--min-points", type=int, default=3)
     ap.add_argument("--max-points", type=int, default=6)
     ap.add_argument("--fit-points", type=int, default=3)
