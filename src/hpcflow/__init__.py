@@ -1,7 +1,7 @@
 """hpcflow: HMC and flow HMC for trivializing flows in 2D phi^4 lattice theory.
 
-The library layer, importable without MPI (names load their module on first use) (``mpi4py`` is imported only by the drivers:
-``python -m hpcflow.run`` and its stages):
+The library layer imports without MPI: each name loads its module on first use, and
+``mpi4py`` is imported only by the drivers (``python -m hpcflow.run`` and its stages).
 
 Actions (``action(phi) -> [B]``, ``force(phi) -> [B, L, L]`` on a batch of B chains)
     :class:`Phi4Action`, :class:`FlowedAction` (S~(z) = S(g(z)) - log|det dg/dz| over its
