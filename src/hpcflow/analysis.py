@@ -533,7 +533,7 @@ def run(target, S: float = 2.0, plateau_min: int = 0, write: bool = True) -> lis
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hpcflow.analysis", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=log_mod.program_name("hpcflow.analysis", "hpcflow-analysis"), description=__doc__.split("\n")[0])
     ap.add_argument("target", help="a run directory or an ensemble .h5 file")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--S", type=float, default=2.0, help="Gamma-method window parameter (default 2)")

@@ -91,3 +91,12 @@ def add_arguments(parser) -> None:
     group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     group.add_argument("-v", "--verbose", action="store_true",
                        help="debug messages too, from every MPI rank")
+
+
+def program_name(module: str, script: str) -> str:
+    """How the user called a command, for its usage line: the console script ``script``
+    (``hpcflow-run``) or ``python -m module``."""
+    import os
+    import sys
+
+    return script if os.path.basename(sys.argv[0] or "") == script else f"python -m {module}"

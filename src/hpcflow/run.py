@@ -112,7 +112,7 @@ assert set(STAGES) == set(STAGE_TABLE), "hpcflow.stages and the driver disagree 
 
 
 def main(argv=None, comm=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hpcflow.run", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=log_mod.program_name("hpcflow.run", "hpcflow-run"), description=__doc__.split("\n")[0])
     ap.add_argument("input", help="INI input file")
     ap.add_argument("--force", action="store_true", help="recompute stages whose results exist")
     log_mod.add_arguments(ap)
