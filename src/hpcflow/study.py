@@ -329,6 +329,19 @@ def _mul(*xs):
     return None if any(x is None for x in xs) else math.prod(xs)
 
 
+def _training_summary(payload) -> dict | None:
+    """What training did to the flow: the flow acceptance before and after (fresh
+    proposals) and the learned global scale exp(lambda); None without a flow file."""
+    if payload is None:
+        return None
+    evals = payload.get("history", {}).get("metropolis") or []
+    log_scale = payload.get("state_dict", {}).get("scale.log_scale")
+    return {"acceptance_untrained": evals[0]["acceptance"] if evals else None,
+            "acceptance_trained": evals[-1]["acceptance"] if evals else None,
+            "iterations": payload.get("iteration"),
+            "scale": math.exp(float(log_scale)) if log_scale is not None else None}
+
+
 def add_costs(row, flows: ForceBench, bench: bool = True):
     """Fill the benchmarked (``bench``) and derived cost columns of ``row`` (module
     docstring); ``flows`` loads the flow files and measures."""
@@ -339,6 +352,7 @@ def add_costs(row, flows: ForceBench, bench: bool = True):
     elif row["flow_file"] is not None:
         _, payload = flows.flow(row["flow_file"])
         c["train_seconds"], c["train_rank_seconds"] = _train_seconds(payload, row["flow_file"])
+        row["flow_training"] = _training_summary(payload)
         if bench:
             ranks = c.get("ranks") or 1
             batch = max(1, math.ceil(row["replicas"] / ranks))
