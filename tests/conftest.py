@@ -1,3 +1,6 @@
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,83 @@ def make_ini(tmp_path):
     def make(file="t.ini", **sections):
         return write_ini(tmp_path, file, **sections)
     return make
+
+
+# ---------------------------------------------------------------------------------------
+# A real single-node SLURM (tools/slurm.sh; ../shared/SLURM.md) for the job-script tests.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Slurm:
+    """Client side of the private SLURM that ``tools/slurm.sh start`` runs."""
+
+    def __init__(self, conf: str):
+        self.conf = conf
+        self.env = {**os.environ, "SLURM_CONF": conf}
+        self.jobs: list[str] = []
+
+    def run(self, *argv, check=True, **kw):
+        p = subprocess.run(list(argv), env={**self.env, **kw.pop("env", {})},
+                           capture_output=True, text=True, **kw)
+        if check and p.returncode:
+            raise RuntimeError(f"{' '.join(map(str, argv))} -> {p.returncode}\n{p.stdout}{p.stderr}")
+        return p
+
+    def sbatch(self, *argv, cwd=None, env=None) -> list[str]:
+        """Submit; returns the job ids that sbatch printed (``--parsable`` lines)."""
+        p = self.run("sbatch", *argv, cwd=cwd, env=env or {})
+        ids = [line.split(";")[0] for line in p.stdout.split() if line.split(";")[0].isdigit()]
+        self.jobs += ids
+        return ids
+
+    def state(self, job: str) -> dict[str, str]:
+        """{task id or job id: state} from ``scontrol show job`` (array tasks one by one)."""
+        p = self.run("scontrol", "-o", "show", "job", str(job), check=False)
+        states = {}
+        for line in p.stdout.splitlines():
+            kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+            key = kv.get("ArrayTaskId") or kv.get("JobId")
+            states[key] = kv.get("JobState", "?")
+        return states
+
+    def wait(self, jobs, timeout: float = 300.0) -> dict[str, dict[str, str]]:
+        """Wait until no task of ``jobs`` is pending or running; their final states."""
+        live = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"}
+        t0 = time.monotonic()
+        while True:
+            states = {j: self.state(j) for j in jobs}
+            if not any(s in live for st in states.values() for s in st.values()):
+                return states
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"SLURM jobs still live after {timeout} s: {states}")
+            time.sleep(1.0)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running single-node SLURM, started by ``tools/slurm.sh`` and stopped afterwards
+    (only if this fixture started it); the tests skip, with the reason, where it cannot run
+    (no root, no slurm packages, ports taken by another SLURM)."""
+    script = REPO / "tools" / "slurm.sh"
+    directory = Path(os.environ.get("HPCFLOW_SLURM_DIR", "/tmp/hpcflow-slurm"))
+
+    def alive(name):
+        pid = directory / f"{name}.pid"
+        try:
+            os.kill(int(pid.read_text()), 0)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    was_running = alive("slurmctld") and alive("slurmd")
+    p = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"no single-node SLURM here: {p.stderr.strip() or p.stdout.strip()}")
+    conf = p.stdout.strip().split("=", 1)[1]
+    s = Slurm(conf)
+    yield s
+    if s.jobs:
+        s.run("scancel", *s.jobs, check=False)
+    if not was_running:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True)

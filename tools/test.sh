@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup.sh
+# a private single-node SLURM for the job-script tests (they skip, with the reason, without it)
+bash tools/slurm.sh install || echo "[test] SLURM cannot be installed here: its tests will skip"
 source tools/env.sh
 echo "== serial tests"
 python -m pytest tests "$@"

@@ -47,7 +47,10 @@ The line of constant physics is kept in ``results/lcp.json`` (``--write``): a li
 hpcflow_version, date, ...}; :func:`beta_lcp` reads it, and :func:`beta_coarse` gives the
 coarse coupling of the coarse priors, beta'(L) = beta_LCP(L / 2) (PHYSICS.md section 6).
 
-Exit status: 0 success, 2 bad input (L < 4, L odd, target <= 0, ...), 1 a failed run.
+Odd L is allowed (HMC needs no checkerboard): the 4-interleave prior of an L = 2 L' lattice
+with L' odd (L = 10) needs the coarse coupling beta_LCP(5).
+
+Exit status: 0 success, 2 bad input (L < 4, target <= 0, ...), 1 a failed run.
 """
 
 from __future__ import annotations
@@ -423,8 +426,8 @@ def next_beta(points: list[Point], s: Settings, beta_c: float, nu: float) -> flo
 
 def tune(s: Settings) -> dict:
     """Tune beta (module docstring); returns the result dict (same on every rank)."""
-    if s.L < 4 or s.L % 2:
-        raise TuneError(f"--L must be even and >= 4 (got {s.L})")
+    if s.L < 4:
+        raise TuneError(f"--L must be >= 4 (got {s.L})")
     if not s.target > 0:
         raise TuneError(f"--L-over-xi must be > 0 (got {s.target:g})")
     if s.lam < 0:
@@ -500,7 +503,7 @@ def lcp_entry(result: dict) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m hpcflow.tune", description=__doc__.split("\n")[0])
-    ap.add_argument("--L", type=int, required=True, help="lattice size (even, >= 4)")
+    ap.add_argument("--L", type=int, required=True, help="lattice size (>= 4)")
     ap.add_argument("--L-over-xi", type=float, default=4.0, dest="target",
                     help="target L / xi (default 4)")
     ap.add_argument("--lam", type=float, default=0.5, help="quartic coupling lambda (default 0.5)")
@@ -534,8 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.L < 4 or args.L % 2:
-            raise TuneError(f"--L must be even and >= 4 (got {args.L})")
+        if args.L < 4:
+            raise TuneError(f"--L must be >= 4 (got {args.L})")
         if not args.target > 0 or not math.isfinite(args.target):
             raise TuneError(f"--L-over-xi must be > 0 (got {args.target:g})")
         s = Settings(L=args.L, target=args.target, lam=args.lam,
