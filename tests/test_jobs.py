@@ -43,3 +43,64 @@ def test_run_sbatch_two_tasks_with_mpi_default_none(slurm, make_input, tmp_path)
                    check=True, cwd=tmp_path)
     with h5py.File(tmp_path / "ref" / "hmc.h5", "r") as f:
         assert np.array_equal(f["observables/M"][()], M_slurm)
+
+
+def _times(slurm, job: str) -> dict[str, tuple[str, str, str]]:
+    """{array task id: (state, StartTime, EndTime)} of an array job."""
+    p = slurm.run("scontrol", "-o", "show", "job", job, check=False)
+    out = {}
+    for line in p.stdout.splitlines():
+        kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+        out[kv.get("ArrayTaskId")] = (kv.get("JobState"), kv.get("StartTime"), kv.get("EndTime"))
+    return out
+
+
+def test_scan_sbatch_arrays_dependencies_and_a_failed_task(slurm, tmp_path):
+    """A tiny scan through jobs/scan.sbatch: the arrays run, every dependant starts after the
+    task it waits for has ended, and a failed task (the L = 6 Gaussian training, whose run
+    directory is made unwritable) cancels its production and nothing else."""
+    from test_scan import tiny_scan
+
+    import subprocess
+
+    path = tiny_scan(tmp_path, **{"L = 4, 6, 8": "L = 4, 6", "hmc_lengths = 2": "hmc_lengths ="})
+    env = {**job_env(), "HPCFLOW_SCAN_THROTTLE": "4"}
+    p = subprocess.run([sys.executable, "-m", "hpcflow.scan", "make", str(path)], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    manifest = tmp_path / "tiny" / "manifest.tsv"
+    (tmp_path / "tiny" / "runs").mkdir()
+    (tmp_path / "tiny" / "runs" / "L6-gaussian-k3").write_text("not a directory\n")
+    p = slurm.run("bash", str(REPO / "jobs" / "scan.sbatch"), str(manifest), cwd=tmp_path,
+                  env={**env, "SBATCH_TIMELIMIT": "10"})
+    arrays = [line.split()[1].rstrip(":") for line in p.stdout.splitlines() if line.startswith("array ")]
+    slurm.jobs += arrays
+    # one array of the independent jobs, one per distinct set of dependencies
+    assert len(arrays) == 1 + 4, p.stdout
+    slurm.wait(arrays, timeout=600)
+    from hpcflow.scan import read_manifest
+
+    _, entries = read_manifest(manifest)
+    tasks = {}
+    for a in arrays:
+        for task, t in _times(slurm, a).items():
+            tasks[int(task)] = t
+    state = {entries[i].key: tasks[i][0] for i in tasks}
+    logs = "\n".join(f.read_text() for f in tmp_path.glob("*.out"))
+    assert state.pop("L6-gaussian-k3-train") == "FAILED", logs
+    assert state.pop("L6-gaussian-k3") == "CANCELLED", logs  # its dependant only
+    assert set(state.values()) == {"COMPLETED"}, (state, logs)
+    for e in entries:
+        for d in e.after:
+            if tasks[e.index][0] == "COMPLETED":
+                assert tasks[e.index][1] >= tasks[d][2], (e.key, entries[d].key, tasks)
+    for run in ("L4-hmc", "L6-hmc", "L4-gaussian-k3", "L4-volume-k3"):
+        assert (tmp_path / "tiny" / "runs" / run / "analysis.json").exists()
+    # resubmitting the finished scan submits only the failed chain
+    (tmp_path / "tiny" / "runs" / "L6-gaussian-k3").unlink()
+    p = slurm.run(sys.executable, "-m", "hpcflow.scan", "submit", str(manifest), "--dry-run",
+                  "--script", str(REPO / "jobs" / "scan.sbatch"), cwd=tmp_path)
+    index = {e.key: e.index for e in entries}
+    assert p.stdout.count("would run") == 2
+    assert f"--array={index['L6-gaussian-k3-train']}%" in p.stdout
+    assert f"--array={index['L6-gaussian-k3']}%" in p.stdout
