@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from hpcflow import bench, fused
+from hpcflow import bench
 from hpcflow.action import Phi4Action
 from hpcflow.hmc import INTEGRATORS
 
@@ -77,12 +77,9 @@ def test_failing_compiler_is_a_note(tmp_path):
 
 
 def test_json_has_the_keys(tmp_path, monkeypatch, reference):
-    """One tiny run: every section of the JSON and every HMC cell, the compiled branch taken
-    (compile_trajectory replaced by the eager trajectory, to keep the test fast)."""
-    def fake_compile(action, integrator, length, n_steps, example=None):
-        return fused.eager_trajectory(action, integrator, length, n_steps)
-
-    monkeypatch.setattr(fused, "compile_trajectory", fake_compile)
+    """One tiny run: every section of the JSON and every HMC cell, the compiled branches
+    taken (torch.compile replaced by the identity, to keep the test fast)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     out = tmp_path / "b.json"
     assert bench.main([*TINY, "--no-memory", "--no-scaling", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
@@ -104,6 +101,10 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
     assert f["flow"]["kernel_size"] == 3 and f["flow"]["layers"] == 1 and f["flow"]["hidden"] == []
     assert {"eager_per_trajectory", "eager_per_force", "best_per_trajectory",
             "best_per_force", "best_paths"} <= set(f["ratios"])
+    for a in ("hmc", "fhmc"):
+        for path in ("eager", "compiled"):
+            assert f[a][path]["trajectory_seconds"] > 0 and f[a][path]["force_seconds"] > 0
+    assert f["fhmc"]["compiled"]["wired"].startswith("[run] compile = auto|on")
     assert set(r["targets"]) == {"hmc_B64_L16_over_reference", "hmc_B64_L64_over_reference",
                                  "fhmc_over_hmc_per_trajectory", "weak_scaling_1_to_2_ranks",
                                  "per_replica_B1024_over_B64_L4", "per_replica_B1024_over_B64_L6",

@@ -22,8 +22,11 @@ n MD steps per trajectory, divided by the seconds of one batch trajectory.
 ``fhmc``
     FHMC over the minimal flow (k = 3, one coupling layer, no hidden channels; generic
     weights) against HMC at L = ``--fhmc-L`` (16), B = ``--fhmc-batch`` (64): seconds per
-    trajectory and per force of each path, and the ratios FHMC / HMC (eager / eager, and
-    best / best: each algorithm's fastest path).
+    trajectory (the full hmc_step) and per force of each path, and the ratios FHMC / HMC
+    (eager / eager, and best / best: each algorithm's fastest path).  The compiled FHMC path
+    is :mod:`hpcflow.fused`'s (the flowed force and action of :class:`~hpcflow.fused.StencilFlow`
+    as one compiled graph, the one ``[run] compile`` selects); its force is timed as a
+    trajectory calls it, on site-major fields, the action included.
 ``memory``
     Bytes per replica at the largest B and L, two ways: ``state_bytes_per_replica``, from
     tensor sizes, what a chain keeps between trajectories (phi, pi: 2 L^2 float64, S: one);
@@ -373,12 +376,18 @@ def bench_fhmc(args, device) -> dict:
         fn, info = compile_for_shape(target, args.steps, (phi0, pi0))
         if fn is not None:
             info.pop("_g0")
-            compiled_force = _compiled_phi4_force(target)
-            info |= timed(target, fn, compiled_force)
+            info |= timed(target, fn, _compiled_phi4_force(target))
         out["hmc"]["compiled"] = info
-        flowed_compiled = getattr(fused, "compile_flowed", None)
-        if flowed_compiled is not None:
-            out["fhmc"]["compiled"] = bench_fhmc_compiled(args, device, flowed, phi0, pi0, timed)
+        # FHMC: the compiled flowed force and action (fused.StencilFlow), the force timed
+        # as a trajectory calls it (site-major fields)
+        fn, info = compile_for_shape(flowed, args.steps, (phi0, pi0))
+        if fn is not None:
+            info.pop("_g0")
+            zs = fn.stencil.site_major(phi0)
+            info |= timed(flowed, fn, lambda _: fn.force_and_action(zs))
+            info["wired"] = ("[run] compile = auto|on: FHMC productions use this path "
+                             "(fused.compilable)" if fused.compilable(flowed) else "no")
+        out["fhmc"]["compiled"] = info
     paths = {a: {p: v for p, v in out[a].items() if "trajectory_seconds" in v}
              for a in ("hmc", "fhmc")}
     best = {a: min(paths[a], key=lambda p: paths[a][p]["trajectory_seconds"]) for a in paths}
