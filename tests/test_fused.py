@@ -9,6 +9,8 @@ from hpcflow.flows import Flow
 from hpcflow.hmc import INTEGRATORS, hmc_step, init_state
 from hpcflow.parallel import ReplicaStreams
 
+from conftest import randomised
+
 TARGET = Phi4Action(0.576, 0.5)
 B, L = 8, 8
 
@@ -77,18 +79,120 @@ def test_fallback_when_compilation_is_refused(monkeypatch):
     assert not is_fused
 
 
-def test_flowed_action_stays_eager():
-    act = FlowedAction(TARGET, Flow(L))
+def test_flowed_action_with_hidden_channels_stays_eager():
+    act = FlowedAction(TARGET, Flow(L, hidden=(2,)))
     assert not fused.compilable(act) and fused.compilable(TARGET)
+    assert fused.compilable(FlowedAction(TARGET, Flow(L)))  # the minimal flow is fused
     lines = []
     example = (torch.zeros(B, L, L, dtype=torch.float64), torch.ones(B, L, L, dtype=torch.float64))
     fn, is_fused = fused.choose_trajectory("auto", act, INTEGRATORS["leapfrog"], 1.0, 5, example,
                                            log=lines.append)
     assert not is_fused and lines == []
-    with pytest.raises(fused.CompileUnavailable, match="FlowedAction"):
+    with pytest.raises(fused.CompileUnavailable, match="hidden channels"):
         fused.choose_trajectory("on", act, INTEGRATORS["leapfrog"], 1.0, 5, example)
     with pytest.raises(ValueError, match="compile mode"):
         fused.choose_trajectory("maybe", act, INTEGRATORS["leapfrog"], 1.0, 5, example)
+
+
+def flowed(L_, k=3, layers=1, seed=0):
+    return FlowedAction(TARGET, randomised(Flow(L_, kernel_size=k, layers=layers), seed))
+
+
+@pytest.mark.parametrize("L_, k, layers", [(4, 3, 1), (8, 3, 1), (8, 5, 1), (6, 3, 2)])
+def test_stencil_flow_is_the_frozen_flow(L_, k, layers):
+    """The gather form of the flowed force and action (eager) against FlowedAction's
+    (frozen sparse evaluator) and its autograd force, to 1e-12, far from the identity."""
+    act = flowed(L_, k, layers, seed=L_ + k)
+    st = fused.StencilFlow(TARGET, act.flow, "cpu")
+    z = 0.8 * torch.randn(3, L_, L_, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64)
+    zs = st.site_major(z)
+    assert torch.equal(st.lattice(zs), z)
+    F, S = st.force_and_action(zs)
+    torch.testing.assert_close(st.lattice(F), act.force(z), rtol=0, atol=1e-12)
+    torch.testing.assert_close(st.lattice(F), act.force_autograd(z), rtol=0, atol=1e-12)
+    torch.testing.assert_close(S, act.action(z), rtol=1e-12, atol=0)
+    phi, logdet, _ = st.generate(zs, False)
+    phi_ref, logdet_ref = act.flow.inverse(z)
+    torch.testing.assert_close(st.lattice(phi), phi_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logdet, logdet_ref, rtol=0, atol=1e-12)
+
+
+def test_stencil_trajectory_is_the_eager_one():
+    """The site-major trajectory (eager force_and_action) against hmc's eager one, leapfrog
+    and omf2: phi, pi to 1e-12 and S~ at the end point (from the last force evaluation)."""
+    act = flowed(L)
+    st = fused.StencilFlow(TARGET, act.flow, "cpu")
+    streams = ReplicaStreams(5, range(B), "stencil")
+    z, pi = 0.5 * streams.normal((L, L), "cpu"), streams.normal((L, L), "cpu")
+    for name in ("leapfrog", "omf2"):
+        ref = fused.eager_trajectory(act, INTEGRATORS[name], 1.0, 5)(z, pi)
+        got = fused.stencil_trajectory(st, INTEGRATORS[name], 1.0, 5)(z, pi)
+        assert not torch.equal(ref[0], z)
+        for a, b in zip(got[:2], ref[:2]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-12, atol=0)
+
+
+@pytest.fixture(scope="module")
+def compiled_flowed():
+    """One compilation of the minimal flow's force for the module."""
+    act = flowed(L)
+    streams = ReplicaStreams(3, range(B), "fused")
+    example = (0.5 * streams.normal((L, L), "cpu"), streams.normal((L, L), "cpu"))
+    try:
+        return act, fused.compile_trajectory(act, INTEGRATORS["leapfrog"], 1.0, 5, example)
+    except fused.CompileUnavailable as err:
+        pytest.skip(f"torch.compile unavailable here: {err}")
+
+
+@pytest.mark.slow
+def test_compiled_flowed_force_equals_eager(compiled_flowed):
+    """The compiled flowed force and action against the eager FlowedAction's, to 1e-12."""
+    act, fn = compiled_flowed
+    z = 0.8 * torch.randn(B, L, L, generator=torch.Generator().manual_seed(2),
+                          dtype=torch.float64)
+    F, S = fn.force_and_action(fn.stencil.site_major(z))
+    torch.testing.assert_close(fn.stencil.lattice(F), act.force(z), rtol=0, atol=1e-12)
+    torch.testing.assert_close(S, act.action(z), rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_fhmc_chain_equals_eager(compiled_flowed):
+    """A short FHMC chain, compiled against eager: z to 1e-12, the same accept decisions."""
+    act, fn = compiled_flowed
+
+    def fchain(trajectory, n=15):
+        streams = ReplicaStreams(11, range(B), "same")
+        state = init_state(act, 0.5 * streams.normal((L, L), "cpu"))
+        phis, accepts = [], []
+        for _ in range(n):
+            state, info = hmc_step(act, state, streams.normal((L, L), "cpu"),
+                                   streams.log_uniform("cpu"), INTEGRATORS["leapfrog"], 1.0, 5,
+                                   trajectory=trajectory)
+            phis.append(state.phi)
+            accepts.append(info.accepted)
+        return torch.stack(phis), torch.stack(accepts)
+
+    z_eager, acc_eager = fchain(None)
+    z_fused, acc_fused = fchain(fn)
+    assert 0 < acc_eager.float().mean() < 1
+    assert torch.equal(acc_fused, acc_eager)
+    torch.testing.assert_close(z_fused, z_eager, rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compile_key_selects_the_compiled_flowed_force(compiled_flowed):
+    """[run] compile = auto/on give FHMC the fused trajectory (the compiled force), off the
+    eager one."""
+    act, _ = compiled_flowed
+    example = (torch.zeros(B, L, L, dtype=torch.float64), torch.ones(B, L, L, dtype=torch.float64))
+    for mode in ("auto", "on"):
+        fn, is_fused = fused.choose_trajectory(mode, act, INTEGRATORS["leapfrog"], 1.0, 5,
+                                               example)
+        assert is_fused and isinstance(fn.stencil, fused.StencilFlow)
+    fn, is_fused = fused.choose_trajectory("off", act, INTEGRATORS["leapfrog"], 1.0, 5, example)
+    assert not is_fused and not hasattr(fn, "stencil")
 
 
 @pytest.mark.slow

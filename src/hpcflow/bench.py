@@ -1,21 +1,56 @@
-"""Benchmarks: ``python -m hpcflow.bench [--out bench.json] [--L 16] [--batches 1,16,64,256]``.
+"""Benchmarks: ``python -m hpcflow.bench [--quick] [--out bench.json]``, one JSON, one run.
 
-Measures, on one rank and one device, what a production costs:
+What a production costs on one device, measured in one process so that ratios compare
+like with like (issue 9).  Rates are in *site-steps per second*: B chains x L^2 sites x
+n MD steps per trajectory, divided by the seconds of one batch trajectory.
 
-- ``hmc_batch``: HMC trajectories (Phi4Action, leapfrog, ``--steps`` steps, length 1) on a
-  batch of B chains, for each B of ``--batches``: trajectories per second of the batch,
-  per replica (B times that), and the cost of one batch trajectory relative to B = 1.
-  A batched code costs a small multiple of one chain's trajectory, not B times it.
-  With ``--compiled`` the fused trajectory of :mod:`hpcflow.fused` (torch.compile) is timed
-  beside the eager one for each B: site-steps per second, speed-up, compilation seconds.
-- ``fhmc_vs_hmc``: one FHMC trajectory (FlowedAction over the [flow] architecture given by
-  ``--kernel-size``, ``--layers``, ``--hidden``; forces by autograd) against one HMC
-  trajectory, both with ``--fhmc-batch`` chains and the same integrator: the cost ratio.
+``hmc``
+    For every L of ``--Ls`` (16, 64) and B of ``--batches`` (1, 64, 256, 1024): HMC with
+    leapfrog, ``--steps`` (10) steps of length 1, on a batch [B, L, L]:
 
-Each case first runs ``--warmup`` trajectories, then times ``--trajectories`` of them, and
-repeats that ``--repeat`` times keeping the fastest (the least disturbed) run.  All ratios
-are measured in the same process.  The JSON written to ``--out`` holds the machine, the
-library versions and every measurement; a table goes to standard output.
+    - ``eager`` and ``compiled`` (the fused trajectory of :mod:`hpcflow.fused`, compiled once
+      per shape, its ``compile_seconds`` reported apart and not in any rate): the full
+      ``hmc_step`` (momenta from the replicas' streams, trajectory, Metropolis), and the
+      trajectory alone (phi, pi) -> (phi', pi', S(phi'));
+    - ``reference``: the same trajectory by a C loop (``ref/leapfrog.c``, one pass over the
+      sites per step, compiled now with the system's ``--cc`` at -O3 -march=native and
+      called through ctypes on the same [B, L, L] float64 layout).  It is first checked
+      against hpcflow's eager trajectory from the same (phi, pi): phi and pi to
+      ``REF_TOLERANCE`` (1e-12) absolute, S to 1e-12 relative; only then timed.  Without a C
+      compiler (or if it fails) the reference is skipped with a note and the ratios are None.
+    - ``ratio_to_reference``: hpcflow's rate / the reference's rate for each path.
+``fhmc``
+    FHMC over the minimal flow (k = 3, one coupling layer, no hidden channels; generic
+    weights) against HMC at L = ``--fhmc-L`` (16), B = ``--fhmc-batch`` (64): seconds per
+    trajectory (the full hmc_step) and per force of each path, and the ratios FHMC / HMC
+    (eager / eager, and best / best: each algorithm's fastest path).  The compiled FHMC path
+    is :mod:`hpcflow.fused`'s (the flowed force and action of :class:`~hpcflow.fused.StencilFlow`
+    as one compiled graph, the one ``[run] compile`` selects); its force is timed as a
+    trajectory calls it, on site-major fields, the action included.
+``memory``
+    Bytes per replica at the largest B and L, two ways: ``state_bytes_per_replica``, from
+    tensor sizes, what a chain keeps between trajectories (phi, pi: 2 L^2 float64, S: one);
+    and ``peak_rss_bytes_per_replica`` = (peak RSS at B_max - peak RSS at B_ref) /
+    (B_max - B_ref), each peak measured in a fresh process (``--memory-probe``) running a few
+    HMC steps after its peak was reset past imports and compilation: the working set of a
+    trajectory, temporaries and allocator included (eager and compiled paths).
+``weak_scaling``
+    A small HMC production (``python -m hpcflow.run``, L = 16, ``--scaling-replicas`` per
+    rank, eager) under ``mpirun --oversubscribe -n 1`` and ``-n 2`` with the same replicas
+    per rank; efficiency = seconds(1 rank) / seconds(2 ranks), the seconds being the
+    production's own ``/cost/seconds`` (start-up and imports excluded).  Without ``mpirun``
+    it is skipped and the command is recorded.
+``targets``
+    The issue's targets as ratios with pass flags (None where not measured):
+    HMC at B = 64, L = 16 >= 40% of the reference, at L = 64 >= 50% (the full HMC step,
+    best path); FHMC / HMC per trajectory <= 2 (best / best); weak scaling >= 90%;
+    replica trajectories per second at B = 1024 >= those at B = 64 (per L, best path).
+``machine``
+    CPU model, cores, load averages before and after, torch and threads, the C compiler.
+
+Timings: each case is run once (warm-up), then in blocks of at least ``--min-seconds``,
+``--repeat`` times, keeping the fastest block (the least disturbed one).  ``--quick`` is a
+smoke run (L = 16, B = 1 and 64, short blocks, a short scaling production).
 
 ``--frozen-backends`` runs instead the comparison of the two backends of
 :class:`hpcflow.flows.FrozenFlow` ("sparse" site matrices, "fft" products in Fourier space):
@@ -31,10 +66,18 @@ backend whose single evaluation exceeds ``--max-seconds`` (2 s) is recorded as s
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import math
+import os
 import platform
+import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -43,88 +86,326 @@ from .action import Phi4Action
 from .hmc import INTEGRATORS, hmc_step, init_state
 from .rng import ReplicaStreams
 
+#: the C reference loop, compiled at bench time
+REF_SOURCE = Path(__file__).resolve().parent / "ref" / "leapfrog.c"
+REF_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+#: agreement required of the reference before it is timed (phi, pi absolute; S relative)
+REF_TOLERANCE = 1e-12
+
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_hmc(action, B, L, n_traj, steps, device, warmup=5, repeat=3, seed=1,
-             integrator="leapfrog", trajectory=None):
-    """Best-of-``repeat`` seconds per batch trajectory for B chains (random numbers included);
-    ``trajectory`` is a fused trajectory function for hmc_step (:mod:`hpcflow.fused`)."""
-    streams = ReplicaStreams(seed, range(B), "bench")
-    state = init_state(action, 0.5 * streams.normal((L, L), device))
-    integ = INTEGRATORS[integrator]
-
-    def trajectories(n):
-        nonlocal state
-        for _ in range(n):
-            state, _ = hmc_step(action, state, streams.normal((L, L), device),
-                                streams.log_uniform(device), integ, 1.0, steps, trajectory)
-
-    trajectories(warmup)
+def best_seconds(fn, device, min_seconds: float = 0.3, repeat: int = 3) -> float:
+    """Seconds per call of ``fn``: a warm-up call (which may compile), a second call that
+    estimates the cost, then ``repeat`` blocks of n calls with n chosen so that a block lasts
+    about ``min_seconds``; the fastest block's time per call."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    n = max(1, math.ceil(min_seconds / max(first, 1e-9)))
     best = float("inf")
     for _ in range(repeat):
         _sync(device)
         t0 = time.perf_counter()
-        trajectories(n_traj)
+        for _ in range(n):
+            fn()
         _sync(device)
-        best = min(best, (time.perf_counter() - t0) / n_traj)
+        best = min(best, (time.perf_counter() - t0) / n)
     return best
 
 
-def bench_hmc_batch(args, device):
-    action = Phi4Action(args.beta, args.lam)
-    rows = []
-    for B in args.batches:
-        sec = time_hmc(action, B, args.L, args.trajectories, args.steps, device,
-                       args.warmup, args.repeat)
-        row = {"B": B, "seconds_per_trajectory": sec, "trajectories_per_second": 1 / sec,
-               "replica_trajectories_per_second": B / sec,
-               "site_steps_per_second": B * args.L ** 2 * args.steps / sec}
-        if args.compiled:
-            from . import fused
+def hmc_runner(action, B: int, L: int, steps: int, device, trajectory=None, seed: int = 1):
+    """A function that runs one HMC trajectory (``hmc_step``, leapfrog, length 1) of B chains,
+    each call continuing the chains: momenta and Metropolis numbers from the replicas'
+    streams, as in a production."""
+    streams = ReplicaStreams(seed, range(B), "bench")
+    state = init_state(action, 0.5 * streams.normal((L, L), device))
+    integ = INTEGRATORS["leapfrog"]
 
-            streams = ReplicaStreams(2, range(B), "bench-compile")
-            example = (0.5 * streams.normal((args.L, args.L), device),
-                       streams.normal((args.L, args.L), device))
-            t0 = time.perf_counter()
-            try:
-                traj = fused.compile_trajectory(action, INTEGRATORS["leapfrog"], 1.0, args.steps,
-                                                example)
-            except fused.CompileUnavailable as err:
-                row["compiled"] = {"unavailable": str(err)}
-            else:
-                compile_s = time.perf_counter() - t0
-                sec_c = time_hmc(action, B, args.L, args.trajectories, args.steps, device,
-                                 args.warmup, args.repeat, trajectory=traj)
-                row["compiled"] = {"compile_seconds": compile_s, "seconds_per_trajectory": sec_c,
-                                   "site_steps_per_second": B * args.L ** 2 * args.steps / sec_c,
-                                   "speedup": sec / sec_c}
-        rows.append(row)
-    base = rows[0]["seconds_per_trajectory"]
-    for r in rows:
-        r["cost_relative_to_first"] = r["seconds_per_trajectory"] / base
-    return rows
+    def one():
+        nonlocal state
+        state, _ = hmc_step(action, state, streams.normal((L, L), device),
+                            streams.log_uniform(device), integ, 1.0, steps, trajectory=trajectory)
+    return one
 
 
-def bench_fhmc(args, device):
-    from .action import FlowedAction
+def start_point(B: int, L: int, device, seed: int = 2):
+    """(phi, pi): a start configuration 0.5 N(0, 1) and momenta N(0, 1), [B, L, L]."""
+    streams = ReplicaStreams(seed, range(B), "bench-start")
+    return 0.5 * streams.normal((L, L), device), streams.normal((L, L), device)
+
+
+# ---------------------------------------------------------------------------------------
+# the C reference loop
+
+
+class Reference:
+    """The compiled C leapfrog (``ref/leapfrog.c``) behind ctypes.
+
+    ``trajectory(phi, pi)`` -> (phi', pi', S(phi')) like :func:`hpcflow.fused.eager_trajectory`
+    (on CPU copies of the inputs); ``run_inplace(phi, pi, S)`` advances contiguous CPU
+    float64 tensors in place (what is timed)."""
+
+    def __init__(self, library: Path, beta: float, lam: float, length: float, n_steps: int):
+        self.lib = ctypes.CDLL(str(library))
+        self.fn = self.lib.hpcflow_leapfrog
+        self.fn.restype = None
+        self.fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_double] * 3 \
+            + [ctypes.c_long]
+        self.beta, self.lam, self.eps, self.n_steps = beta, lam, length / n_steps, n_steps
+
+    def run_inplace(self, phi: torch.Tensor, pi: torch.Tensor, S: torch.Tensor) -> None:
+        for t in (phi, pi, S):
+            if t.device.type != "cpu" or t.dtype != torch.float64 or not t.is_contiguous():
+                raise ValueError("the C reference needs contiguous float64 CPU tensors")
+        B, L0, L1 = phi.shape
+        if pi.shape != phi.shape or S.shape != (B,):
+            raise ValueError(f"shapes phi {tuple(phi.shape)}, pi {tuple(pi.shape)}, "
+                             f"S {tuple(S.shape)}")
+        self.fn(phi.data_ptr(), pi.data_ptr(), S.data_ptr(), B, L0, L1, self.beta, self.lam,
+                self.eps, self.n_steps)
+
+    def trajectory(self, phi: torch.Tensor, pi: torch.Tensor):
+        phi = phi.detach().to("cpu", torch.float64, copy=True).contiguous()
+        pi = pi.detach().to("cpu", torch.float64, copy=True).contiguous()
+        S = torch.empty(phi.shape[0], dtype=torch.float64)
+        self.run_inplace(phi, pi, S)
+        return phi, pi, S
+
+
+def compiler_info(cc: str) -> dict:
+    """{"cc": path, "version": first line of ``cc --version``} or {"cc": None}."""
+    path = shutil.which(cc)
+    if path is None:
+        return {"cc": None}
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+        version = (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError) as err:
+        version = f"unknown ({type(err).__name__})"
+    return {"cc": path, "version": version}
+
+
+def build_reference(cc: str, workdir: Path) -> tuple[Path | None, dict]:
+    """Compile ``ref/leapfrog.c`` into ``workdir`` with ``cc``: (library or None, info).
+
+    No compiler on PATH, or a failing compile, gives None and ``info["skipped"]``: a note
+    with the reason (the first line of the compiler's message), not an exception."""
+    info = {"source": REF_SOURCE.name, "flags": " ".join(REF_FLAGS), **compiler_info(cc)}
+    if info["cc"] is None:
+        info["skipped"] = f"no C compiler {cc!r} on PATH: the reference loop is not timed"
+        return None, info
+    library = workdir / "hpcflow_ref_leapfrog.so"
+    t0 = time.perf_counter()
+    out = subprocess.run([info["cc"], *REF_FLAGS, "-o", str(library), str(REF_SOURCE)],
+                         capture_output=True, text=True)
+    info["compile_seconds"] = time.perf_counter() - t0
+    if out.returncode != 0:
+        lines = (out.stderr or out.stdout).strip().splitlines() or ["(no message)"]
+        info["skipped"] = f"{cc} failed (status {out.returncode}): {lines[0]}"
+        return None, info
+    return library, info
+
+
+def check_reference(ref: Reference, action, L: int, B: int, n_steps: int) -> dict:
+    """The reference's trajectory against hpcflow's eager one from the same (phi, pi):
+    {"phi_max_abs_diff", "pi_max_abs_diff", "S_max_rel_diff", "agrees"} (on CPU)."""
+    from .fused import eager_trajectory
+
+    phi0, pi0 = start_point(B, L, "cpu")
+    phi_h, pi_h, S_h = eager_trajectory(action, INTEGRATORS["leapfrog"], 1.0, n_steps)(phi0, pi0)
+    phi_r, pi_r, S_r = ref.trajectory(phi0, pi0)
+    d = {"L": L, "B": B,
+         "phi_max_abs_diff": float((phi_r - phi_h).abs().max()),
+         "pi_max_abs_diff": float((pi_r - pi_h).abs().max()),
+         "S_max_rel_diff": float(((S_r - S_h).abs() / S_h.abs().clamp_min(1.0)).max())}
+    d["agrees"] = (d["phi_max_abs_diff"] <= REF_TOLERANCE and d["pi_max_abs_diff"] <= REF_TOLERANCE
+                   and d["S_max_rel_diff"] <= REF_TOLERANCE)
+    return d
+
+
+# ---------------------------------------------------------------------------------------
+# HMC: eager, compiled, reference
+
+
+def _graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _path_rates(step, traj, sites: int, B: int, device, args) -> dict:
+    sec = best_seconds(step, device, args.min_seconds, args.repeat)
+    tsec = best_seconds(traj, device, args.min_seconds, args.repeat)
+    return {"hmc_step_seconds": sec, "hmc_site_steps_per_second": sites / sec,
+            "replica_trajectories_per_second": B / sec,
+            "trajectory_seconds": tsec, "trajectory_site_steps_per_second": sites / tsec}
+
+
+def compile_for_shape(action, steps: int, example) -> tuple[object, dict]:
+    """The fused trajectory compiled for one batch shape: (function or None, info).
+
+    dynamo's caches are reset first (inductor's disk cache is kept), so each shape is one
+    fresh compilation, timed apart (``compile_seconds``), and the process never reaches
+    dynamo's recompilation limit however many shapes the bench visits."""
+    from . import fused
+
+    torch._dynamo.reset()
+    g0 = _graphs()
+    t0 = time.perf_counter()
+    try:
+        fn = fused.compile_trajectory(action, INTEGRATORS["leapfrog"], 1.0, steps, example)
+    except fused.CompileUnavailable as err:
+        return None, {"unavailable": str(err)}
+    return fn, {"compile_seconds": time.perf_counter() - t0, "graphs_before_timing": _graphs() - g0,
+                "_g0": g0}
+
+
+def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) -> dict:
+    """One (L, B) cell of the HMC table: eager, compiled and reference rates and ratios."""
+    from .fused import eager_trajectory
+
+    sites = B * L * L * args.steps
+    row = {"L": L, "B": B, "site_steps_per_trajectory": sites}
+    phi0, pi0 = start_point(B, L, device)
+    eager = eager_trajectory(action, INTEGRATORS["leapfrog"], 1.0, args.steps)
+    row["eager"] = _path_rates(hmc_runner(action, B, L, args.steps, device),
+                               lambda: eager(phi0, pi0), sites, B, device, args)
+    if args.compile:
+        fn, info = compile_for_shape(action, args.steps, (phi0, pi0))
+        if fn is not None:
+            g0 = info.pop("_g0")
+            info |= _path_rates(hmc_runner(action, B, L, args.steps, device, trajectory=fn),
+                                lambda: fn(phi0, pi0), sites, B, device, args)
+            # 1: the timed trajectories (hmc_step's states, other tensors of the same
+            # shape) reused the one compilation
+            info["graphs_compiled"] = _graphs() - g0
+        row["compiled"] = info
+    if ref is not None:
+        phi_r, pi_r = (t.detach().to("cpu", copy=True).contiguous() for t in (phi0, pi0))
+        S_r = torch.empty(B, dtype=torch.float64)
+        sec = best_seconds(lambda: ref.run_inplace(phi_r, pi_r, S_r), torch.device("cpu"),
+                           args.min_seconds, args.repeat)
+        row["reference"] = {"seconds": sec, "site_steps_per_second": sites / sec}
+        ratios = {}
+        for path in ("eager", "compiled"):
+            r = row.get(path, {})
+            if "hmc_step_seconds" in r:
+                ratios[f"{path}_hmc_step"] = sec / r["hmc_step_seconds"]
+                ratios[f"{path}_trajectory"] = sec / r["trajectory_seconds"]
+        row["ratio_to_reference"] = ratios
+    best = max((row[p] for p in ("eager", "compiled") if "hmc_step_seconds" in row.get(p, {})),
+               key=lambda r: r["hmc_site_steps_per_second"])
+    row["best_path"] = "compiled" if best is row.get("compiled") else "eager"
+    row["best_replica_trajectories_per_second"] = best["replica_trajectories_per_second"]
+    if ref is not None:
+        row["best_ratio_to_reference"] = row["reference"]["seconds"] / best["hmc_step_seconds"]
+    return row
+
+
+def hmc_line(r: dict) -> str:
+    def m(x):
+        return f"{x / 1e6:9.1f}" if x is not None else f"{'-':>9s}"
+
+    c = r.get("compiled", {})
+    ratio = r.get("best_ratio_to_reference")
+    return (f"{r['L']:4d} {r['B']:6d} {m(r['eager']['hmc_site_steps_per_second'])} "
+            f"{m(r['eager']['trajectory_site_steps_per_second'])} "
+            f"{m(c.get('hmc_site_steps_per_second'))} {m(c.get('trajectory_site_steps_per_second'))} "
+            f"{c['compile_seconds'] if 'compile_seconds' in c else float('nan'):8.1f} "
+            f"{m(r.get('reference', {}).get('site_steps_per_second'))} "
+            f"{ratio if ratio is not None else float('nan'):8.3f} "
+            f"{r['best_replica_trajectories_per_second']:10.0f}")
+
+
+HMC_HEADER = (f"{'L':>4s} {'B':>6s} {'eagerHMC':>9s} {'eagerMD':>9s} {'compHMC':>9s} "
+              f"{'compMD':>9s} {'compile':>8s} {'C ref':>9s} {'best/ref':>8s} {'repl tr/s':>10s}"
+              "\n  (M site-steps/s; HMC = full hmc_step, MD = the trajectory alone; compile in s;"
+              " best/ref = best HMC step / C reference)")
+
+
+# ---------------------------------------------------------------------------------------
+# FHMC against HMC
+
+
+def minimal_flow(L: int, device, seed: int = 0):
+    """The minimal flow (k = 3, one coupling layer, no hidden channels) with generic weights
+    N(0, 0.1^2) (the cost does not depend on their values; the trained start is the
+    identity, whose zero weights would be unrepresentative)."""
     from .flows import Flow
 
-    target = Phi4Action(args.beta, args.lam)
-    flow = Flow(args.L, kernel_size=args.kernel_size, layers=args.layers, hidden=args.hidden)
-    with torch.no_grad():  # generic weights: the cost does not depend on their values
+    flow = Flow(L, kernel_size=3, layers=1, hidden=())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
         for p in flow.parameters():
-            p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
-    flowed = FlowedAction(target, flow.to(device))
-    B = args.fhmc_batch
-    hmc = time_hmc(target, B, args.L, args.trajectories, args.steps, device, args.warmup, args.repeat)
-    fhmc = time_hmc(flowed, B, args.L, max(5, args.trajectories // 5), args.steps, device,
-                    args.warmup, args.repeat)
-    return {"B": B, "flow": flow.spec(), "hmc_seconds_per_trajectory": hmc,
-            "fhmc_seconds_per_trajectory": fhmc, "fhmc_over_hmc": fhmc / hmc}
+            p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return flow.to(device)
+
+
+def bench_fhmc(args, device) -> dict:
+    """FHMC with the minimal flow against HMC at L = args.fhmc_L, B = args.fhmc_batch: seconds
+    per trajectory (full hmc_step) and per force of each path, and the ratios."""
+    from . import fused
+    from .action import FlowedAction
+
+    L, B = args.fhmc_L, args.fhmc_batch
+    target = Phi4Action(args.beta, args.lam)
+    flow = minimal_flow(L, device)
+    flowed = FlowedAction(target, flow)
+    phi0, pi0 = start_point(B, L, device)
+    out = {"L": L, "B": B, "flow": flow.spec(), "frozen_method": flowed.frozen.method}
+
+    def timed(action, trajectory=None, force=None):
+        force = force or action.force
+        return {"trajectory_seconds": best_seconds(
+                    hmc_runner(action, B, L, args.steps, device, trajectory), device,
+                    args.min_seconds, args.repeat),
+                "force_seconds": best_seconds(lambda: force(phi0), device, args.min_seconds,
+                                              args.repeat)}
+
+    out["hmc"] = {"eager": timed(target)}
+    out["fhmc"] = {"eager": timed(flowed)}
+    if args.compile:
+        fn, info = compile_for_shape(target, args.steps, (phi0, pi0))
+        if fn is not None:
+            info.pop("_g0")
+            info |= timed(target, fn, _compiled_phi4_force(target))
+        out["hmc"]["compiled"] = info
+        # FHMC: the compiled flowed force and action (fused.StencilFlow), the force timed
+        # as a trajectory calls it (site-major fields)
+        fn, info = compile_for_shape(flowed, args.steps, (phi0, pi0))
+        if fn is not None:
+            info.pop("_g0")
+            zs = fn.stencil.site_major(phi0)
+            info |= timed(flowed, fn, lambda _: fn.force_and_action(zs))
+            info["wired"] = ("[run] compile = auto|on: FHMC productions use this path "
+                             "(fused.compilable)" if fused.compilable(flowed) else "no")
+        out["fhmc"]["compiled"] = info
+    paths = {a: {p: v for p, v in out[a].items() if "trajectory_seconds" in v}
+             for a in ("hmc", "fhmc")}
+    best = {a: min(paths[a], key=lambda p: paths[a][p]["trajectory_seconds"]) for a in paths}
+    e_h, e_f = out["hmc"]["eager"], out["fhmc"]["eager"]
+    b_h, b_f = paths["hmc"][best["hmc"]], paths["fhmc"][best["fhmc"]]
+    out["ratios"] = {
+        "eager_per_trajectory": e_f["trajectory_seconds"] / e_h["trajectory_seconds"],
+        "eager_per_force": e_f["force_seconds"] / e_h["force_seconds"],
+        "best_paths": best,
+        "best_per_trajectory": b_f["trajectory_seconds"] / b_h["trajectory_seconds"],
+        "best_per_force": b_f["force_seconds"] / b_h["force_seconds"],
+    }
+    return out
+
+
+def _compiled_phi4_force(action):
+    """Phi4Action.force through torch.compile (to time a fused HMC force alone)."""
+    return torch.compile(action.force, dynamic=False, fullgraph=True)
 
 
 # (L, kernel size, hidden channels) of the --frozen-backends comparison, one coupling layer:
@@ -262,70 +543,382 @@ def main_frozen_backends(args, device) -> dict:
             "rows": rows, "total_seconds": time.perf_counter() - t0}
 
 
-def machine():
+
+
+# ---------------------------------------------------------------------------------------
+# memory per replica
+
+
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None where unreadable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(L: int, B: int, mode: str, steps: int, device) -> dict:
+    """Run in a fresh process (``--memory-probe L,B,MODE``): the peak RSS of a few HMC steps
+    of B chains (and the peak of CUDA allocations on a GPU).
+
+    The compilation (``compiled``) and a first step on a throw-away batch come first; then
+    the peak RSS is reset to the current RSS where Linux allows it (``peak_reset``), so the
+    peak is that of the chains' data, not of imports or the compiler; else it is the
+    process's lifetime peak (ru_maxrss)."""
+    action = Phi4Action(0.634, 0.5)
+    traj = None
+    if mode == "compiled":
+        fn, info = compile_for_shape(action, steps, start_point(B, L, device))
+        if fn is None:
+            return info
+        traj = fn
+    hmc_runner(action, 1, L, steps, device)()  # eager kernels' first-call set-up
+    reset = _reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run = hmc_runner(action, B, L, steps, device, traj)
+    for _ in range(3):
+        run()
+    peak = _status_bytes("VmHWM") if reset else None
+    out = {"L": L, "B": B, "mode": mode, "peak_reset": peak is not None,
+           "peak_rss_bytes": peak if peak is not None
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def _child_env() -> dict:
+    """The environment of child processes: this hpcflow first on PYTHONPATH."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def bench_memory(args, device) -> dict:
+    """Bytes per replica at the largest B and L (see the module docstring)."""
+    L, B_max = max(args.Ls), max(args.batches)
+    B_ref = max([b for b in args.batches if b < B_max], default=None)
+    out = {"L": L, "B": B_max, "state_bytes_per_replica": 8 * (2 * L * L + 1),
+           "state": "phi and pi (2 L^2 float64) and S (one float64) per chain"}
+    if B_ref is None:
+        out["peak_rss"] = {"skipped": "needs two batch sizes"}
+        return out
+    out["B_ref"] = B_ref
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        peaks = {}
+        for B in (B_ref, B_max):
+            cmd = [sys.executable, "-m", "hpcflow.bench", "--memory-probe", f"{L},{B},{mode}",
+                   "--steps", str(args.steps), "--device", args.device,
+                   "--threads", str(args.threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+            if r.returncode != 0:
+                tail = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
+                peaks = {"failed": f"{' '.join(cmd[1:])}: status {r.returncode}: {tail}"}
+                break
+            peaks[B] = json.loads(r.stdout.strip().splitlines()[-1])
+        if "failed" in peaks or any("peak_rss_bytes" not in p for p in peaks.values()):
+            out[mode] = peaks
+            continue
+        key = "cuda_peak_bytes" if device.type == "cuda" else "peak_rss_bytes"
+        out[mode] = {"peak_rss_bytes": {str(B): p["peak_rss_bytes"] for B, p in peaks.items()},
+                     "peak_rss_bytes_per_replica":
+                         (peaks[B_max]["peak_rss_bytes"] - peaks[B_ref]["peak_rss_bytes"])
+                         / (B_max - B_ref),
+                     "peak_bytes_per_replica":
+                         (peaks[B_max][key] - peaks[B_ref][key]) / (B_max - B_ref),
+                     "measured": key,
+                     "peak_reset": all(p.get("peak_reset") for p in peaks.values())}
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# weak scaling of a production over MPI ranks
+
+
+SCALING_INPUT = """\
+[run]
+name = weak{n}
+output = {output}
+seed = 9
+stages = hmc
+device = {device}
+threads = 1
+checkpoint_every = {trajectories}
+progress_every = 1000
+compile = off
+
+[theory]
+L = {L}
+beta = 0.634
+lambda = 0.5
+
+[hmc]
+replicas = {replicas}
+trajectories = {trajectories}
+thermalization = 0
+steps = {steps}
+save_every = 0
+"""
+
+
+def scaling_command(n: int, ini: str) -> list[str]:
+    return ["mpirun", "--oversubscribe", "-n", str(n), sys.executable, "-m", "hpcflow.run", ini]
+
+
+def bench_weak_scaling(args, workdir: Path) -> dict:
+    """The same production per rank on 1 and 2 ranks: efficiency = seconds(1) / seconds(2),
+    from each production's /cost/seconds."""
+    import h5py
+
+    R, T, L = args.scaling_replicas, args.scaling_trajectories, args.scaling_L
+    out = {"L": L, "replicas_per_rank": R, "trajectories": T, "steps": args.steps,
+           "path": "eager (compile = off)", "seconds": "/cost/seconds of hmc.h5 "
+           "(the production's wall time, rank 0's clock; start-up excluded)",
+           "command": " ".join(scaling_command(2, "weak2.ini")) + f"  (and -n 1; inputs: "
+                      f"L = {L}, {R} replicas per rank, {T} trajectories; see SCALING_INPUT)"}
+    if shutil.which("mpirun") is None:
+        out["skipped"] = "no mpirun on PATH"
+        return out
+    env = _child_env()
+    if os.geteuid() == 0:  # Open MPI refuses root unless told (as tools/env.sh does)
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    seconds = {}
+    for n in (1, 2):
+        d = workdir / f"weak{n}"
+        d.mkdir(parents=True, exist_ok=True)
+        ini = d / "weak.ini"
+        ini.write_text(SCALING_INPUT.format(n=n, output=d / "out", device=args.device, L=L,
+                                            replicas=n * R, trajectories=T, steps=args.steps))
+        cmd = scaling_command(n, str(ini))
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                               timeout=args.scaling_timeout)
+        except subprocess.TimeoutExpired:
+            out["skipped"] = f"{' '.join(cmd)} took over {args.scaling_timeout} s"
+            return out
+        if r.returncode != 0:
+            tail = ((r.stderr + r.stdout).strip().splitlines() or ["(no message)"])[-1]
+            out["skipped"] = f"{' '.join(cmd)}: status {r.returncode}: {tail}"
+            return out
+        with h5py.File(d / "out" / "hmc.h5", "r") as f:
+            seconds[n] = float(f["cost/seconds"][0])
+    out["seconds_by_ranks"] = {str(n): s for n, s in seconds.items()}
+    out["replica_trajectories_per_second_by_ranks"] = {str(n): n * R * T / s
+                                                       for n, s in seconds.items()}
+    out["efficiency"] = seconds[1] / seconds[2]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# targets, machine, main
+
+
+def _flag(value, ok) -> dict:
+    return {"value": value, "pass": None if value is None else bool(ok(value))}
+
+
+def targets(result: dict) -> dict:
+    """The issue's targets as ratios with pass flags (None: not measured in this run)."""
+    cells = {(r["L"], r["B"]): r for r in result.get("hmc", [])}
+    t = {}
+    for L, need in ((16, 0.40), (64, 0.50)):
+        r = cells.get((L, 64), {})
+        t[f"hmc_B64_L{L}_over_reference"] = {
+            "target": f">= {need}", **_flag(r.get("best_ratio_to_reference"), lambda v: v >= need)}
+    f = result.get("fhmc", {}).get("ratios", {})
+    t["fhmc_over_hmc_per_trajectory"] = {"target": "<= 2",
+                                         **_flag(f.get("best_per_trajectory"), lambda v: v <= 2)}
+    w = result.get("weak_scaling", {})
+    t["weak_scaling_1_to_2_ranks"] = {"target": ">= 0.9",
+                                      **_flag(w.get("efficiency"), lambda v: v >= 0.9)}
+    for L in sorted({L for L, _ in cells}):
+        a, b = cells.get((L, 64)), cells.get((L, 1024))
+        value = (b["best_replica_trajectories_per_second"] / a["best_replica_trajectories_per_second"]
+                 if a and b else None)
+        t[f"per_replica_B1024_over_B64_L{L}"] = {"target": ">= 1", **_flag(value, lambda v: v >= 1)}
+    measured = [v["pass"] for v in t.values() if v["pass"] is not None]
+    t["all_measured_pass"] = all(measured) if measured else None
+    return t
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(cc: str | None = None) -> dict:
     info = {"hpcflow": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+            "processor": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+    if hasattr(os, "sched_getaffinity"):
+        info["cores_available"] = len(os.sched_getaffinity(0))
+    if hasattr(os, "getloadavg"):
+        info["load_average_start"] = list(os.getloadavg())
+    if cc is not None:
+        info["c_compiler"] = compiler_info(cc)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
+def _fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def report(result: dict) -> None:
+    """The human summary of a bench run on standard output."""
+    s = result["settings"]
+    print(f"HMC, leapfrog {s['steps']} steps, device {s['device']}, {s['threads']} thread(s)")
+    print(HMC_HEADER)
+    for r in result["hmc"]:
+        print(hmc_line(r))
+    ref = result["reference"]
+    print("C reference:", ref.get("skipped") or
+          f"{ref.get('cc')} {ref.get('flags')}; agrees with hpcflow's trajectory: "
+          f"{[c['agrees'] for c in ref.get('checks', [])]}")
+    f = result.get("fhmc")
+    if f:
+        r = f["ratios"]
+        print(f"FHMC/HMC, L={f['L']}, B={f['B']}, minimal flow: per trajectory "
+              f"{r['eager_per_trajectory']:.2f} (eager/eager), {r['best_per_trajectory']:.2f} "
+              f"(best/best: {r['best_paths']['fhmc']}/{r['best_paths']['hmc']}); per force "
+              f"{r['eager_per_force']:.2f} (eager), {r['best_per_force']:.2f} (best)")
+    m = result.get("memory")
+    if m:
+        per = {k: m[k].get("peak_rss_bytes_per_replica") for k in ("eager", "compiled")
+               if isinstance(m.get(k), dict)}
+        print(f"memory per replica, L={m['L']}, B={m['B']}: state {m['state_bytes_per_replica']} B, "
+              f"peak RSS difference {per}")
+    w = result.get("weak_scaling")
+    if w:
+        print("weak scaling 1 -> 2 ranks:", w.get("skipped") or
+              f"{w['efficiency']:.3f} (seconds {w['seconds_by_ranks']})")
+    print("targets:")
+    for k, v in result["targets"].items():
+        if isinstance(v, dict):
+            print(f"  {k:36s} {_fmt(v['value']):>8s}  {v['target']:>6s}  pass={v['pass']}")
+
+
+#: option: (full run, --quick)
+RUN_DEFAULTS = {"Ls": ("16,64", "16"), "batches": ("1,64,256,1024", "1,64"),
+                "min_seconds": (0.3, 0.05), "repeat": (3, 2), "scaling_trajectories": (1000, 200)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hpcflow.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench.json", help="JSON output file")
-    ap.add_argument("--L", type=int, default=16)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: L 16, B 1 and 64, short timings, a short scaling run")
+    ap.add_argument("--Ls", help="lattice sizes of the HMC table (16,64; quick: 16)")
+    ap.add_argument("--batches", help="batch sizes of the HMC table (1,64,256,1024; quick: 1,64)")
     ap.add_argument("--beta", type=float, default=0.634)
     ap.add_argument("--lam", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--batches", default="1,16,64,256")
-    ap.add_argument("--trajectories", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--min-seconds", type=float, help="length of a timed block (0.3; quick: 0.05)")
+    ap.add_argument("--repeat", type=int, help="timed blocks per case, the best kept (3; quick: 2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cc", default="cc", help="C compiler of the reference loop")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the torch.compile paths")
+    ap.add_argument("--no-reference", dest="reference", action="store_false")
+    ap.add_argument("--no-fhmc", dest="fhmc", action="store_false")
+    ap.add_argument("--no-memory", dest="memory", action="store_false")
+    ap.add_argument("--no-scaling", dest="scaling", action="store_false")
+    ap.add_argument("--fhmc-L", type=int, default=16)
     ap.add_argument("--fhmc-batch", type=int, default=64)
-    ap.add_argument("--kernel-size", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--hidden", default="", help="comma list of hidden channels")
-    ap.add_argument("--skip-fhmc", action="store_true")
-    ap.add_argument("--compiled", action="store_true",
-                    help="also time the fused torch.compile trajectory (hpcflow.fused) per batch")
+    ap.add_argument("--scaling-L", type=int, default=16)
+    ap.add_argument("--scaling-replicas", type=int, default=64, help="replicas per rank")
+    ap.add_argument("--scaling-trajectories", type=int, help="per replica (1000; quick: 200)")
+    ap.add_argument("--scaling-timeout", type=float, default=600)
     ap.add_argument("--frozen-backends", action="store_true",
                     help="only compare the sparse and fft FrozenFlow backends (see above)")
     ap.add_argument("--max-seconds", type=float, default=2.0,
                     help="--frozen-backends: skip a backend whose first evaluation is longer")
+    ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",")]
-    args.hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+    # defaults: the full run, or the smoke run of --quick; options given explicitly win
+    for key, (full, quick) in RUN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    args.Ls = [int(x) for x in str(args.Ls).split(",")]
+    args.batches = [int(b) for b in str(args.batches).split(",")]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.memory_probe:
+        L, B, mode = args.memory_probe.split(",")
+        print(json.dumps(memory_probe(int(L), int(B), mode, args.steps, device)))
+        return 0
 
-    result = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    result = {"machine": machine(args.cc),
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "memory_probe")}}
     if args.frozen_backends:
         result["frozen_backends"] = main_frozen_backends(args, device)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"written {args.out}")
         return 0
-    result["hmc_batch"] = bench_hmc_batch(args, device)
-    print(f"HMC, L={args.L}, leapfrog {args.steps} steps, device {device}, "
-          f"{args.threads} thread(s)")
-    print(f"{'B':>6s} {'traj/s':>10s} {'replica traj/s':>15s} {'cost / cost(B=1)':>17s}")
-    for r in result["hmc_batch"]:
-        c = r.get("compiled", {})
-        fused_text = (f"   compiled: {c['site_steps_per_second'] / 1e6:.0f} M site-steps/s "
-                      f"(eager {r['site_steps_per_second'] / 1e6:.0f} M, x{c['speedup']:.2f}, "
-                      f"compile {c['compile_seconds']:.1f} s)" if "speedup" in c else
-                      f"   compiled: {c['unavailable']}" if c else "")
-        print(f"{r['B']:6d} {r['trajectories_per_second']:10.1f} "
-              f"{r['replica_trajectories_per_second']:15.1f} {r['cost_relative_to_first']:17.2f}"
-              + fused_text)
-    if not args.skip_fhmc:
-        r = result["fhmc_vs_hmc"] = bench_fhmc(args, device)
-        print(f"FHMC vs HMC, L={args.L}, B={r['B']}, flow {r['flow']}: "
-              f"HMC {r['hmc_seconds_per_trajectory'] * 1e3:.2f} ms, "
-              f"FHMC {r['fhmc_seconds_per_trajectory'] * 1e3:.2f} ms per trajectory, "
-              f"ratio {r['fhmc_over_hmc']:.1f}")
+
+    t_start = time.perf_counter()
+    action = Phi4Action(args.beta, args.lam)
+    with tempfile.TemporaryDirectory(prefix="hpcflow-bench-") as tmp:
+        tmp = Path(tmp)
+        ref = None
+        if args.reference:
+            library, info = build_reference(args.cc, tmp)
+            if library is not None:
+                ref = Reference(library, args.beta, args.lam, 1.0, args.steps)
+                info["checks"] = [check_reference(ref, action, L, B, args.steps)
+                                  for L in sorted({*args.Ls, 5}) for B in (1, 3)]
+                if not all(c["agrees"] for c in info["checks"]):
+                    info["skipped"] = (f"the reference disagrees with hpcflow's trajectory "
+                                       f"beyond {REF_TOLERANCE}: not timed")
+                    ref = None
+            info["tolerance"] = REF_TOLERANCE
+            if device.type != "cpu":
+                info["note"] = "the reference runs on the CPU, hpcflow on " + str(device)
+        else:
+            info = {"skipped": "--no-reference"}
+        result["reference"] = info
+        result["hmc"] = []
+        print(HMC_HEADER, flush=True)
+        for L in args.Ls:
+            for B in args.batches:
+                result["hmc"].append(bench_hmc_cell(args, device, action, L, B, ref))
+                print(hmc_line(result["hmc"][-1]), flush=True)
+        if args.fhmc:
+            result["fhmc"] = bench_fhmc(args, device)
+        if args.memory:
+            result["memory"] = bench_memory(args, device)
+        if args.scaling:
+            result["weak_scaling"] = bench_weak_scaling(args, tmp)
+    result["targets"] = targets(result)
+    if hasattr(os, "getloadavg"):
+        result["machine"]["load_average_end"] = list(os.getloadavg())
+    result["total_seconds"] = time.perf_counter() - t_start
+    print()
+    report(result)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"written {args.out}")

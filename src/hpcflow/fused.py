@@ -1,22 +1,32 @@
-"""Fused molecular dynamics: one compiled kernel per HMC trajectory (torch.compile).
+"""Fused molecular dynamics: compiled HMC and FHMC trajectories (torch.compile).
 
 Eager torch pays one pass over memory and one dispatch per elementwise operation; a
-phi^4 force plus a momentum kick is about 15 of them.  :func:`compile_trajectory` hands the
-whole trajectory of an integrator (:mod:`hpcflow.hmc`) over an action, followed by the
-action at its end point, to ``torch.compile`` (the inductor backend, which runs on CPU
-with the system's C++ compiler and on CUDA with Triton, from the same source).  The
-integrator and the action are the ordinary ones, traced, so there is one source of truth
-for the MD; the step size and the number of steps are constants of the compiled graph.
+phi^4 force plus a momentum kick is about 15 of them.  :func:`compile_trajectory` hands
+work to ``torch.compile`` (the inductor backend, which runs on CPU with the system's C++
+compiler and on CUDA with Triton, from the same source):
 
-The compiled function gives the same numbers as the eager path up to rounding (the same
-operations in the same order; in practice bit-identical on CPU, tested to 1e-12), so chains
-stay independent of the rank count and resume exactly.  Shapes are static: a process
-compiles once per batch shape (a production rank has one), and the first call pays the
-compilation (tens of seconds on CPU; inductor caches it on disk, ``TORCHINDUCTOR_CACHE_DIR``).
+- HMC (:class:`~hpcflow.action.Phi4Action`): the whole trajectory of an integrator
+  (:mod:`hpcflow.hmc`), followed by the action at its end point, is one compiled graph.  The
+  integrator and the action are the ordinary ones, traced, so there is one source of truth
+  for the MD; the step size and the number of steps are constants of the graph.
+- FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
+  family without hidden channels, e.g. the minimal model): the flowed force *and* action,
+  F~(z) and S~(z) from one pass of the generator, are one compiled graph
+  (:meth:`StencilFlow.force_and_action`), called by the ordinary integrator once per force;
+  the fields stay in the site-major checkerboard layout for the whole trajectory, and S~ at
+  the end point comes from the last force evaluation (which every integrator here makes at
+  the end point).  The frozen evaluator's sparse matrices are not traceable by inductor, so
+  :class:`StencilFlow` writes the same formulas with gathers (k^2 / 2 per site, the nonzeros
+  of the sparse rows).  Compiling one force, not the unrolled trajectory of 11 of them,
+  keeps the compilation to one small graph (tens of seconds, not minutes).
 
-Only actions whose force is traceable elementwise torch code are compiled:
-:class:`~hpcflow.action.Phi4Action`.  The frozen flow of FHMC uses sparse matrices, which
-inductor does not fuse; it stays eager.
+The compiled functions give the eager numbers up to rounding (HMC: the same operations in
+the same order, in practice bit-identical on CPU; FHMC: the same formulas in another order,
+about 1e-14; both tested to 1e-12), so chains stay independent of the rank count and resume
+exactly.  Shapes are static: a process compiles once per batch shape (a production rank has
+one), and the first call pays the compilation (tens of seconds on CPU; inductor caches it
+on disk, ``TORCHINDUCTOR_CACHE_DIR``).  Other actions (flows with hidden channels, other
+targets) stay eager.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from .action import Phi4Action
+from .action import FlowedAction, Phi4Action
 
 MODES = ("auto", "on", "off")
 
@@ -34,9 +44,24 @@ class CompileUnavailable(RuntimeError):
     """torch.compile cannot be used here (no C++ compiler, unsupported platform, ...)."""
 
 
+def _flowed_reason(action) -> str | None:
+    """Why a FlowedAction is not fused (None: it is)."""
+    if type(action.target) is not Phi4Action:
+        return f"its target is a {type(action.target).__name__}, not a Phi4Action"
+    flow = action.flow
+    if not hasattr(flow, "couplings") or not hasattr(flow, "scale") or not len(flow.couplings):
+        return f"its flow is a {type(flow).__name__} without coupling layers"
+    if any(c.hidden for c in flow.couplings):
+        return f"its flow has hidden channels {tuple(flow.couplings[0].hidden)}"
+    return None
+
+
 def compilable(action) -> bool:
-    """Whether :func:`compile_trajectory` fuses this action (exactly a Phi4Action)."""
-    return type(action) is Phi4Action
+    """Whether :func:`compile_trajectory` fuses this action: a Phi4Action, or a FlowedAction
+    over one whose flow has no hidden channels."""
+    if type(action) is Phi4Action:
+        return True
+    return type(action) is FlowedAction and _flowed_reason(action) is None
 
 
 def eager_trajectory(action, integrator, length: float, n_steps: int) -> Callable:
@@ -50,25 +75,64 @@ def eager_trajectory(action, integrator, length: float, n_steps: int) -> Callabl
     return trajectory
 
 
+def stencil_trajectory(stencil: "StencilFlow", integrator, length: float, n_steps: int,
+                       force_and_action: Callable | None = None) -> Callable:
+    """(z, pi) -> (z', pi', S~(z')) of ``integrator`` over the flowed action of ``stencil``:
+    the layout changes once each way, the integrator runs on site-major fields with
+    ``force_and_action`` (default: the stencil's own, eager; compiled by
+    :func:`compile_trajectory`), and S~ at the end point is the last evaluation's."""
+    eps = length / n_steps
+    fa = force_and_action or stencil.force_and_action
+
+    def trajectory(z, pi):
+        last = {}
+
+        def force(x):
+            F, S = fa(x)
+            last["x"], last["S"] = x, S
+            return F
+
+        zs, ps = integrator(stencil.site_major(z), stencil.site_major(pi), force, eps, n_steps)
+        S = last["S"] if last.get("x") is zs else fa(zs)[1]
+        return stencil.lattice(zs), stencil.lattice(ps), S
+
+    return trajectory
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 def compile_trajectory(action, integrator, length: float, n_steps: int,
                        example: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable:
     """The fused trajectory (phi, pi) -> (phi', pi', S(phi')) of ``integrator`` over
-    ``action`` with step length / n_steps.
+    ``action`` with step length / n_steps (see the module docstring for what is fused).
 
     With ``example`` = (phi, pi) the compilation happens here, and a failure raises
     :class:`CompileUnavailable` with the reason in one line (callers fall back to
     :func:`eager_trajectory`); without it, at the first call."""
-    if not compilable(action):
-        raise CompileUnavailable(f"{type(action).__name__} is not fused (only Phi4Action)")
-    fn = torch.compile(eager_trajectory(action, integrator, length, n_steps), dynamic=False,
-                       fullgraph=True)
+    if type(action) is FlowedAction:
+        reason = _flowed_reason(action)
+        if reason is not None:
+            raise CompileUnavailable(f"FlowedAction is not fused: {reason}")
+        device = example[0].device if example is not None else "cpu"
+        stencil = StencilFlow(action.target, action.flow, device)
+        fa = torch.compile(stencil.force_and_action, dynamic=False, fullgraph=True)
+        fn = stencil_trajectory(stencil, integrator, length, n_steps, fa)
+        fn.stencil, fn.force_and_action = stencil, fa  # for the bench's force timing
+    elif compilable(action):
+        fn = torch.compile(eager_trajectory(action, integrator, length, n_steps), dynamic=False,
+                           fullgraph=True)
+    else:
+        raise CompileUnavailable(f"{type(action).__name__} is not fused (only Phi4Action and "
+                                 "FlowedAction over it)")
     if example is not None:
         try:
             with torch.no_grad():
                 fn(*example)
         except Exception as err:  # inductor raises many types; all mean "not here"
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CompileUnavailable(f"torch.compile failed: {type(err).__name__}: {first}") from None
+            raise CompileUnavailable(f"torch.compile failed: {_first_line(err)}") from None
     return fn
 
 
@@ -89,3 +153,175 @@ def choose_trajectory(mode: str, action, integrator, length: float, n_steps: int
             raise
         log(f"[compile] {err}; using the eager path")
         return eager_trajectory(action, integrator, length, n_steps), False
+
+
+# ---------------------------------------------------------------------------------------
+# FHMC: the frozen minimal flow as gathers on site-major fields
+
+
+def _step_tables(layer, order: torch.Tensor, pos: torch.Tensor):
+    """Gather tables of one coupling step without hidden channels (weights w_s, w_t [k, k]).
+
+    With frozen parity p (rows A = [pH, (p+1)H) of the checkerboard order), updated rows
+    B = [qH, (q+1)H), and the offsets a_j of the k x k window that lead from a B site to an
+    A site ((a0 + a1) odd; the others read masked zeros):
+
+        idx[r, j]  = row in A of site(B row r) + a_j        (forward: s, t on B from A)
+        idxT[r, j] = row in B of site(A row r) - a_j        (pullback: the transpose)
+        ws[j] = w_s[a_j + k//2],  wt[j] = w_t[a_j + k//2]."""
+    from .flows.layers import convolutions
+
+    L, p, k = layer.L, layer.parity, layer.kernel_size
+    q, H, c = 1 - p, L * L // 2, k // 2
+    convs = [convolutions(layer.s), convolutions(layer.t)]
+    if len(convs[0]) != 1:
+        raise CompileUnavailable("the compiled flowed force covers flows without hidden "
+                                 f"channels (this one has {layer.hidden})")
+    offsets = [(a0, a1) for a0 in range(-c, c + 1) for a1 in range(-c, c + 1) if (a0 + a1) % 2]
+    a0 = torch.tensor([o[0] for o in offsets])
+    a1 = torch.tensor([o[1] for o in offsets])
+
+    def shifted(rows, sign):
+        site = order[rows]
+        x0 = (site[:, None] // L + sign * a0[None, :]) % L
+        x1 = (site[:, None] % L + sign * a1[None, :]) % L
+        return pos[x0 * L + x1]
+
+    idx = shifted(torch.arange(q * H, (q + 1) * H), 1) - p * H
+    idxT = shifted(torch.arange(p * H, (p + 1) * H), -1) - q * H
+    assert bool((idx >= 0).all() and (idx < H).all() and (idxT >= 0).all() and (idxT < H).all())
+    w = [conv[0].weight.detach().cpu()[0, 0, a0 + c, a1 + c] for conv in convs]
+    return p, idx, idxT, w[0], w[1]
+
+
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh x = sgn(x) (1 - u) / (1 + u), u = exp(-2 |x|): one exp and a division, which
+    inductor's CPU code vectorises at about half the cost of its tanh (float64); absolute
+    error a few 1e-16 (relative error larger only for |x| << 1, where tanh itself is small)."""
+    u = torch.exp(-2.0 * torch.where(x < 0, -x, x))
+    r = (1.0 - u) / (1.0 + u)
+    return torch.where(x < 0, -r, r)
+
+
+class StencilFlow:
+    """The frozen generator g and force pullback of a flow without hidden channels (the
+    paper's minimal model and any k) written with gathers, for torch.compile.
+
+    Same formulas as :class:`hpcflow.flows.FrozenFlow` (see :mod:`hpcflow.flows.frozen`):
+    per step y_B = e x_B + t, e = exp(-|s|), s = tanh(sum_j ws_j x_A[idx_j]), t likewise;
+    pullback f_x,B = e f_y,B, f_x,A = f_y,A + sum_j (ws_j g_s + wt_j g_t)[idxT_j] with
+    g_s = -sgn(s) (e x_B f_y,B + 1)(1 - s^2), g_t = f_y,B (1 - t^2); the global scale
+    phi = exp(lambda) y.  Fields are site-major [V, N] in checkerboard order (rows 0..H-1:
+    parity 0), so the batch index is the contiguous one: a gather reads whole rows and the
+    loops over the batch vectorise.  Every operation is elementwise or a gather, so inductor
+    fuses a force (generator, target force, pullback) into a few loops without temporaries
+    in memory.
+
+    ``target`` is a :class:`~hpcflow.action.Phi4Action`; its force and action are written
+    with neighbour tables on the same layout."""
+
+    def __init__(self, target, flow, device):
+        from .flows.frozen import site_order
+
+        if type(target) is not Phi4Action:
+            raise CompileUnavailable(f"the compiled flowed force needs a Phi4Action target, "
+                                     f"not {type(target).__name__}")
+        couplings = list(getattr(flow, "couplings", ()))
+        if not couplings or not hasattr(flow, "scale"):
+            raise CompileUnavailable(f"{type(flow).__name__} is not a Flow with couplings")
+        L = flow.L
+        self.L, self.V, self.H = L, L * L, L * L // 2
+        self.beta, self.lam = target.beta, target.lam
+        self.log_scale = float(flow.scale.log_scale.detach())
+        self.scale = float(torch.exp(torch.tensor(self.log_scale, dtype=torch.float64)))
+        order = site_order(L)
+        pos = torch.empty_like(order)
+        pos[order] = torch.arange(L * L)
+        self.order, self.pos = order.to(device), pos.to(device)
+        self.steps = []
+        for layer in couplings:
+            p, idx, idxT, ws, wt = _step_tables(layer, order, pos)
+            self.steps.append((p, idx.to(device), idxT.to(device),
+                               ws.to(device, torch.float64)[:, None],
+                               wt.to(device, torch.float64)[:, None]))
+        # neighbours of every row: x -+ e_1 (within a lattice row), x -+ e_0, in the order of
+        # Phi4Action.force's neighbour_sum (roll +1, -1 along x1, then along x0)
+        x0, x1 = order // L, order % L
+        nb = torch.stack([pos[x0 * L + (x1 - 1) % L], pos[x0 * L + (x1 + 1) % L],
+                          pos[((x0 - 1) % L) * L + x1], pos[((x0 + 1) % L) * L + x1]], 1)
+        self.nb = nb.to(device)
+
+    # layouts
+    def site_major(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, L] -> [V, B] in checkerboard row order."""
+        return x.reshape(x.shape[0], -1).t().index_select(0, self.order)
+
+    def lattice(self, y: torch.Tensor) -> torch.Tensor:
+        """[V, B] -> [B, L, L]."""
+        return y.index_select(0, self.pos).t().reshape(-1, self.L, self.L)
+
+    # the target on site-major fields
+    def target_force(self, phi: torch.Tensor) -> torch.Tensor:
+        nb = self.nb
+        nsum = ((phi[nb[:, 0]] + phi[nb[:, 1]]) + phi[nb[:, 2]]) + phi[nb[:, 3]]
+        return self.beta * nsum - 2.0 * phi - (4.0 * self.lam) * phi * (phi * phi - 1.0)
+
+    def target_action(self, phi: torch.Tensor) -> torch.Tensor:
+        forward = phi[self.nb[:, 1]] + phi[self.nb[:, 3]]
+        phi2 = phi * phi
+        return (-self.beta * phi * forward + phi2 + self.lam * (phi2 - 1.0) ** 2).sum(0)
+
+    # the flow
+    def _halves(self, y, p):
+        H = self.H
+        return (y[:H], y[H:]) if p == 0 else (y[H:], y[:H])  # (A, B)
+
+    def _join(self, A, B, p):
+        return torch.cat((A, B) if p == 0 else (B, A), 0)
+
+    def generate(self, z: torch.Tensor, keep: bool):
+        """z [V, N] -> (phi, log|det dg/dz| [N], saved values for the pullback)."""
+        y = z
+        logdet = None
+        saved = []
+        for p, idx, idxT, ws, wt in self.steps:
+            A, B = self._halves(y, p)
+            G = A[idx]                                   # [H, n, N]
+            s = _tanh((ws * G).sum(1))
+            t = _tanh((wt * G).sum(1))
+            abs_s = torch.where(s < 0, -s, s)
+            e = torch.exp(-abs_s)
+            if keep:
+                saved.append((e, s, t, B))
+            y = self._join(A, e * B + t, p)
+            d = abs_s.sum(0)
+            logdet = -d if logdet is None else logdet - d
+        logdet = logdet + self.log_scale * self.V
+        return self.scale * y, logdet, saved
+
+    def pullback(self, F: torch.Tensor, saved) -> torch.Tensor:
+        """F = -dS/dphi [V, N] -> -dS~/dz, the formulas of the class docstring."""
+        f = self.scale * F
+        for (p, idx, idxT, ws, wt), (e, s, t, x_B) in zip(reversed(self.steps), reversed(saved)):
+            f_A, f_B = self._halves(f, p)
+            sgn = torch.where(s < 0, -1.0, 1.0)
+            g_s = -sgn * (e * x_B * f_B + 1.0) * (1.0 - s * s)
+            g_t = f_B * (1.0 - t * t)
+            f_A = f_A + (ws * g_s[idxT]).sum(1) + (wt * g_t[idxT]).sum(1)
+            f = self._join(f_A, e * f_B, p)
+        return f
+
+    def force(self, z: torch.Tensor) -> torch.Tensor:
+        """F~ = -dS~/dz on site-major fields."""
+        phi, _, saved = self.generate(z, True)
+        return self.pullback(self.target_force(phi), saved)
+
+    def action(self, z: torch.Tensor) -> torch.Tensor:
+        """S~(z) = S(g(z)) - log|det dg/dz|, [N]."""
+        phi, logdet, _ = self.generate(z, False)
+        return self.target_action(phi) - logdet
+
+    def force_and_action(self, z: torch.Tensor):
+        """(F~(z), S~(z)) from one evaluation of the generator."""
+        phi, logdet, saved = self.generate(z, True)
+        return self.pullback(self.target_force(phi), saved), self.target_action(phi) - logdet

@@ -1,0 +1,151 @@
+"""The bench's code paths on tiny sizes (no timing assertions: the targets live in the bench)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from hpcflow import bench
+from hpcflow.action import Phi4Action
+from hpcflow.hmc import INTEGRATORS
+
+TARGET = Phi4Action(0.634, 0.5)
+TINY = ["--Ls", "4,6", "--batches", "1,3", "--min-seconds", "0", "--repeat", "1",
+        "--fhmc-L", "4", "--fhmc-batch", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler here")
+    library, info = bench.build_reference("cc", tmp_path_factory.mktemp("ref"))
+    assert library is not None, info
+    return library
+
+
+@pytest.mark.parametrize("L0, L1, steps", [(4, 4, 10), (5, 5, 7), (6, 3, 1), (8, 8, 20)])
+def test_reference_reproduces_the_leapfrog(reference, L0, L1, steps):
+    """The C loop's end point is hpcflow's leapfrog (Integrator over Phi4Action) from the same
+    (phi, pi), phi and pi to 1e-12 and S(phi') to 1e-12 relative, also on rectangles."""
+    g = torch.Generator().manual_seed(L0 * L1 + steps)
+    phi = 0.5 * torch.randn(3, L0, L1, generator=g, dtype=torch.float64)
+    pi = torch.randn(3, L0, L1, generator=g, dtype=torch.float64)
+    ref = bench.Reference(reference, TARGET.beta, TARGET.lam, 1.0, steps)
+    start = phi.clone(), pi.clone()
+    phi_r, pi_r, S_r = ref.trajectory(phi, pi)
+    assert torch.equal(phi, start[0]) and torch.equal(pi, start[1])  # copies are advanced
+    phi_h, pi_h = INTEGRATORS["leapfrog"](phi, pi, TARGET.force, 1.0 / steps, steps)
+    assert not torch.equal(phi_h, phi)  # it moved
+    torch.testing.assert_close(phi_r, phi_h, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pi_r, pi_h, rtol=0, atol=1e-12)
+    torch.testing.assert_close(S_r, TARGET.action(phi_h), rtol=1e-12, atol=0)
+
+
+def test_reference_check_detects_another_theory(reference):
+    good = bench.Reference(reference, TARGET.beta, TARGET.lam, 1.0, 10)
+    bad = bench.Reference(reference, TARGET.beta * (1 + 1e-6), TARGET.lam, 1.0, 10)
+    assert bench.check_reference(good, TARGET, 4, 2, 10)["agrees"]
+    check = bench.check_reference(bad, TARGET, 4, 2, 10)
+    assert not check["agrees"] and check["phi_max_abs_diff"] > 1e-12
+
+
+def test_reference_refuses_other_layouts(reference):
+    ref = bench.Reference(reference, TARGET.beta, TARGET.lam, 1.0, 10)
+    phi = torch.zeros(2, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="contiguous float64 CPU"):
+        ref.run_inplace(phi.float(), phi.clone(), torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous float64 CPU"):
+        ref.run_inplace(phi.transpose(1, 2), phi.clone(), torch.zeros(2, dtype=torch.float64))
+
+
+def test_missing_compiler_is_a_note(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench.main([*TINY, "--cc", "no-such-cc-hpcflow", "--no-compile", "--no-fhmc",
+                       "--no-memory", "--no-scaling", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert "no C compiler 'no-such-cc-hpcflow'" in r["reference"]["skipped"]
+    assert all("reference" not in row and "ratio_to_reference" not in row for row in r["hmc"])
+    assert r["targets"]["hmc_B64_L16_over_reference"] == {"target": ">= 0.4", "value": None,
+                                                          "pass": None}
+    assert "no C compiler" in capsys.readouterr().out
+
+
+def test_failing_compiler_is_a_note(tmp_path):
+    library, info = bench.build_reference("false", tmp_path)  # exits 1, no output
+    assert library is None and "failed (status 1)" in info["skipped"]
+
+
+def test_json_has_the_keys(tmp_path, monkeypatch, reference):
+    """One tiny run: every section of the JSON and every HMC cell, the compiled branches
+    taken (torch.compile replaced by the identity, to keep the test fast)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    out = tmp_path / "b.json"
+    assert bench.main([*TINY, "--no-memory", "--no-scaling", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert {"machine", "settings", "reference", "hmc", "fhmc", "targets",
+            "total_seconds"} <= set(r)
+    assert {"cpu_model", "cores", "torch", "threads", "c_compiler"} <= set(r["machine"])
+    assert [(c["L"], c["B"]) for c in r["hmc"]] == [(4, 1), (4, 3), (6, 1), (6, 3)]
+    assert all(c["agrees"] for c in r["reference"]["checks"])
+    for cell in r["hmc"]:
+        for path in ("eager", "compiled"):
+            assert cell[path]["hmc_site_steps_per_second"] > 0
+            assert cell[path]["trajectory_site_steps_per_second"] > 0
+        assert {"compile_seconds", "graphs_compiled"} <= set(cell["compiled"])
+        assert cell["reference"]["site_steps_per_second"] > 0
+        assert set(cell["ratio_to_reference"]) == {"eager_hmc_step", "eager_trajectory",
+                                                   "compiled_hmc_step", "compiled_trajectory"}
+        assert cell["best_ratio_to_reference"] > 0
+    f = r["fhmc"]
+    assert f["flow"]["kernel_size"] == 3 and f["flow"]["layers"] == 1 and f["flow"]["hidden"] == []
+    assert {"eager_per_trajectory", "eager_per_force", "best_per_trajectory",
+            "best_per_force", "best_paths"} <= set(f["ratios"])
+    for a in ("hmc", "fhmc"):
+        for path in ("eager", "compiled"):
+            assert f[a][path]["trajectory_seconds"] > 0 and f[a][path]["force_seconds"] > 0
+    assert f["fhmc"]["compiled"]["wired"].startswith("[run] compile = auto|on")
+    assert set(r["targets"]) == {"hmc_B64_L16_over_reference", "hmc_B64_L64_over_reference",
+                                 "fhmc_over_hmc_per_trajectory", "weak_scaling_1_to_2_ranks",
+                                 "per_replica_B1024_over_B64_L4", "per_replica_B1024_over_B64_L6",
+                                 "all_measured_pass"}
+    assert r["targets"]["fhmc_over_hmc_per_trajectory"]["pass"] in (True, False)
+
+
+def test_targets_flags():
+    def cell(L, B, ratio, rate):
+        return {"L": L, "B": B, "best_ratio_to_reference": ratio,
+                "best_replica_trajectories_per_second": rate}
+
+    result = {"hmc": [cell(16, 64, 0.5, 100.0), cell(16, 1024, 0.6, 99.0),
+                      cell(64, 64, 0.45, 10.0), cell(64, 1024, 0.5, 12.0)],
+              "fhmc": {"ratios": {"best_per_trajectory": 1.9}},
+              "weak_scaling": {"skipped": "no mpirun on PATH"}}
+    t = bench.targets(result)
+    assert t["hmc_B64_L16_over_reference"]["pass"] is True
+    assert t["hmc_B64_L64_over_reference"]["pass"] is False
+    assert t["fhmc_over_hmc_per_trajectory"]["pass"] is True
+    assert t["weak_scaling_1_to_2_ranks"]["pass"] is None
+    assert t["per_replica_B1024_over_B64_L16"] == {"target": ">= 1", "value": 0.99, "pass": False}
+    assert t["per_replica_B1024_over_B64_L64"]["pass"] is True
+    assert t["all_measured_pass"] is False
+
+
+@pytest.mark.slow
+def test_memory_and_weak_scaling(tmp_path):
+    """The two sections that start processes: memory probes and mpirun -n 1 and -n 2."""
+    out = tmp_path / "b.json"
+    assert bench.main([*TINY, "--no-compile", "--no-fhmc", "--no-reference", "--Ls", "8",
+                       "--batches", "2,16", "--scaling-L", "4", "--scaling-replicas", "2",
+                       "--scaling-trajectories", "20", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    m = r["memory"]
+    assert (m["L"], m["B"], m["B_ref"]) == (8, 16, 2)
+    assert m["state_bytes_per_replica"] == 8 * (2 * 64 + 1)
+    assert set(m["eager"]["peak_rss_bytes"]) == {"2", "16"}
+    assert "peak_rss_bytes_per_replica" in m["eager"]
+    w = r["weak_scaling"]
+    if shutil.which("mpirun") is None:
+        assert w["skipped"] == "no mpirun on PATH"
+    else:
+        assert set(w["seconds_by_ranks"]) == {"1", "2"} and w["efficiency"] > 0, w
