@@ -69,7 +69,8 @@ def test_plan_jobs_dependencies_and_inputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     manifest, jobs = scan.make(tiny_scan(tmp_path), quiet=True)
     keys = [j.key for j in jobs]
-    assert keys[0] == "L4-coarse-volume"  # dependencies first
+    assert keys[0] == "L4-coarse-volume"  # dependencies first, point by point
+    assert keys.index("L4-volume-k3") < keys.index("L6-hmc")
     assert set(keys) == {"L4-coarse-volume", "L4-hmc", "L4-hmc-tau2", "L6-hmc", "L6-hmc-tau2",
                          "L8-hmc", "L8-hmc-tau2", "L4-gaussian-k3-train", "L6-gaussian-k3-train",
                          "L8-gaussian-k3-train", "L4-volume-k3-train", "L4-gaussian-k3",

@@ -203,11 +203,14 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
                     f"lambda={cfg.theory.lam}, {R} replicas on {world.size} rank(s) "
                     f"({len(block)} on rank {world.rank}, device {world.device}), {n_therm} + {N} "
                     f"trajectories, {section.integrator} {section.steps} steps, io={io}")
+    t_compile = time.perf_counter()
+    trajectory = _trajectory(cfg, world, section, spec, phi)
+    t_start += time.perf_counter() - t_compile  # paid once per run, logged, not in /cost
     return Production(cfg, world, section, spec, path, writer, streams,
                       init_state(spec.action, phi), done, total, status, t_start, cost_before,
                       Progress(world, spec.stage, total, done, R, cfg.run.progress_every),
                       _Buffers(), max(done - n_therm, 0),
-                      _trajectory(cfg, world, section, spec, phi))
+                      trajectory)
 
 
 def _trajectory(cfg, world, section, spec, phi):

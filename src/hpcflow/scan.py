@@ -563,7 +563,8 @@ def plan(s: Scan, base: Path | None = None) -> list[Job]:
                             thermalization=sec["thermalization"], tau_estimate=tau,
                             budget_rank_seconds=cost))
     order = {"coarse": 0, "hmc": 1, "train": 2, "fhmc": 3}
-    jobs.sort(key=lambda j: order[j.kind])  # stable: dependencies first, L ascending within a kind
+    # point by point (a runner finishes whole points first), dependencies before dependants
+    jobs.sort(key=lambda j: (j.L, order[j.kind]))
     for j in jobs:
         j.input = str(out / "inputs" / f"{j.key}.ini")
         try:
