@@ -46,12 +46,16 @@ def test_run_sbatch_two_tasks_with_mpi_default_none(slurm, make_input, tmp_path)
 
 
 def _times(slurm, job: str) -> dict[str, tuple[str, str, str]]:
-    """{array task id: (state, StartTime, EndTime)} of an array job."""
+    """{array task index: (state, StartTime, EndTime)} of an array job."""
     p = slurm.run("scontrol", "-o", "show", "job", job, check=False)
     out = {}
     for line in p.stdout.splitlines():
         kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-        out[kv.get("ArrayTaskId")] = (kv.get("JobState"), kv.get("StartTime"), kv.get("EndTime"))
+        # a task that never left the queue keeps the array's spec, e.g. "4,6-7%4"
+        for part in kv.get("ArrayTaskId", "").split("%")[0].split(","):
+            lo, _, hi = part.partition("-")
+            for task in range(int(lo), int(hi or lo) + 1):
+                out[task] = (kv.get("JobState"), kv.get("StartTime"), kv.get("EndTime"))
     return out
 
 
@@ -84,7 +88,7 @@ def test_scan_sbatch_arrays_dependencies_and_a_failed_task(slurm, tmp_path):
     tasks = {}
     for a in arrays:
         for task, t in _times(slurm, a).items():
-            tasks[int(task)] = t
+            tasks[task] = t
     state = {entries[i].key: tasks[i][0] for i in tasks}
     logs = "\n".join(f.read_text() for f in tmp_path.glob("*.out"))
     assert state.pop("L6-gaussian-k3-train") == "FAILED", logs
