@@ -281,7 +281,7 @@ def test_analyse_table_json_figure(finished_scan, tmp_path):
     result = json.loads(js.read_text())
     assert not result["missing"] and not result["partial"]
     rows = result["rows"]
-    assert len(rows) == 9 and all(r["status"] == "complete" for r in rows)
+    assert len(rows) == 10 and all(r["status"] == "complete" for r in rows)  # 3 L x 3 + L4 volume
     ref = next(r for r in rows if r["job"] == "L6-hmc")
     assert ref["ratio"] == {"value": 1.0, "error": 0.0}
     g = next(r for r in rows if r["job"] == "L6-gaussian-k3")
@@ -293,7 +293,7 @@ def test_analyse_table_json_figure(finished_scan, tmp_path):
     labels = {f["label"]: f for f in result["fits"]}
     assert {"HMC", "HMC tau=2", "FHMC gaussian k=3"} <= set(labels)
     assert labels["HMC"]["n"] == 3 and labels["FHMC gaussian k=3"]["ratio_fit"] is not None
-    assert png.stat().st_size > 10_000 and csv.read_text().count("\n") == 10
+    assert png.stat().st_size > 10_000 and csv.read_text().count("\n") == 11
     assert "z = " in p.stdout
 
 
