@@ -16,10 +16,22 @@ One file per production stage (``hmc.h5``, later ``fhmc.h5``, ``coarse.h5``):
     /mc/accepted            int8    [replicas, measurements]        Metropolis decision
                             (these six from :data:`hpcflow.observables.OBSERVABLES`)
     /configs                float64 [replicas, saved, L, L]         every save_every-th field
-    /checkpoint/phi         float64 [replicas, L, L]                chain positions
-    /checkpoint/rng         uint64  [replicas, 6]                   random-stream states
+    /checkpoint/slot_phi    float64 [replicas, 2, L, L]             chain positions, two slots
+    /checkpoint/slot_rng    uint64  [replicas, 2, 6]                random-stream states
+    /checkpoint/slot_crc    uint32  [replicas, 2, 2]                crc32 of each replica's
+                                                                    slot_phi and slot_rng row
+                                                                    (:func:`checkpoint_checksums`)
+    /checkpoint/slot_trajectory int64 [2]                           the counter each slot holds
+                                                                    (-1: never written)
     /checkpoint/trajectory  int64   [1]                             trajectories done per replica
-                                                                    (thermalization included)
+                                                                    (thermalization included):
+                                                                    the commit, naming the slot
+                                                                    whose slot_trajectory equals it
+    /integrity/rows         uint32  [replicas, measurements, 6]     crc32 of every row of the six
+                                                                    datasets above, in the order
+                                                                    of attribute ``datasets``
+                                                                    (:func:`row_checksums`)
+    /integrity/configs      uint32  [replicas, saved]               crc32 of every stored field
     /cost/seconds           float64 [1]     wall seconds of the production, all segments
     /cost/rank_seconds      float64 [1]     sum over segments of wall seconds x ranks
     /cost/ranks             int64   [1]     MPI ranks of the latest segment
@@ -42,9 +54,34 @@ and a resumed production adds them (:meth:`EnsembleWriter.ensure`), Mz then NaN 
 resumption.
 
 Every dataset is created at full size with its space allocated at creation, so that a run
-only ever writes raw data into place: the measurements and the checkpoint first, flushed,
-then the trajectory counter, flushed.  A run killed at any moment leaves a file whose
-counter names only data that reached the disk, from which the run resumes.
+only ever writes raw data into place.  A checkpoint (:meth:`EnsembleWriter.write_checkpoint`)
+writes, in this order: the measurements since the last one and their checksums, the stored
+configurations and theirs, then the chain positions, stream states and their checksums
+into the slot that the counter does *not* name, flushed; then the slot's own counter,
+flushed; then the cost and the counter ``/checkpoint/trajectory`` (the commit), flushed.
+Until the commit the counter still names the other slot, untouched, and the rows it
+counts, so a run killed at any byte of a checkpoint resumes from the previous one, bit for
+bit as if uninterrupted (what lay beyond the counter is written again).  (A kill, not a
+power loss: nothing is fsync'ed.)
+
+Checksums (crc32; the initial value mixes in replica and row, so a row in the wrong place
+fails too) are verified (:func:`verify`) on every resumption or skip of a production
+(:func:`inspect`; a mismatch stops the run, exit 2, naming file, replica and dataset), by
+every read of the analysis (:func:`load_ensemble`) and by ``python -m hpcflow.analysis
+--check``.  The ``from`` attribute of ``/integrity/rows`` and ``/integrity/configs`` is the
+first index they cover: 0, or for a file begun before checksums existed and resumed after,
+the first row written after the resumption; what lies before is *unverified*, reported as
+such, never refused.  Such older files have ``/checkpoint/phi`` [replicas, L, L] and
+``/checkpoint/rng`` [replicas, 6] (one checkpoint, no slots): they are read and resumed
+(:func:`read_checkpoint`), and a resumption adds the slots and checksums.
+
+A new file is created as ``<name>.new`` beside the result (e.g. ``hmc.h5.new``) and renamed
+onto it (``os.replace``) right after its first checkpoint, so a result file always holds a
+checkpoint, and ``--force`` leaves an old result in place until the new one has its first
+checkpoint.  A ``.new`` file is never resumed: a run finding one starts afresh (or removes
+it, when the result it would replace is there to resume or skip).  A result file with no
+committed checkpoint (empty, or killed during its creation by a version before ``.new``
+files) is started afresh too.
 
 Two ways of writing produce the same file:
 
