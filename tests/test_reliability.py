@@ -417,6 +417,10 @@ def test_files_without_checksums_are_unverified_not_refused(tmp_path, capsys):
     assert analysis.main([str(h5), "--json"]) == 0
     js = json.loads(capsys.readouterr().out)
     assert js["integrity"]["status"] == "unverified" and js["complete"] is False
+    # a resumption that adds the slots, killed before its first checkpoint is committed
+    assert killed_run(ini, "slot-counter@1").returncode == KILLED_STATUS
+    assert counter(h5) == 20
+    assert analysis.main(["--check", str(h5)]) == 0
     assert run.main([str(ini), "--quiet"]) == 0  # resumed from /checkpoint/phi, rng
     a, b = datasets(ref), datasets(h5)
     for name in a:

@@ -70,8 +70,9 @@ fails too) are verified (:func:`verify`) on every resumption or skip of a produc
 every read of the analysis (:func:`load_ensemble`) and by ``python -m hpcflow.analysis
 --check``.  The ``from`` attribute of ``/integrity/rows`` and ``/integrity/configs`` is the
 first index they cover: 0, or for a file begun before checksums existed and resumed after,
-the first row written after the resumption; what lies before is *unverified*, reported as
-such, never refused.  Such older files have ``/checkpoint/phi`` [replicas, L, L] and
+the first row written after the resumption (``from:<dataset>`` of ``/integrity/rows``: the
+same for a row dataset added to a file that had checksums); what lies before is
+*unverified*, reported as such, never refused.  Such older files have ``/checkpoint/phi`` [replicas, L, L] and
 ``/checkpoint/rng`` [replicas, 6] (one checkpoint, no slots): they are read and resumed
 (:func:`read_checkpoint`), and a resumption adds the slots and checksums.
 
@@ -286,6 +287,9 @@ class EnsembleWriter:
                                 ("integrity/configs", m // every if every else 0)):
                 if name in missing:
                     _mark_integrity(self.file, name, start)
+            if "integrity/rows" not in missing:  # a row dataset added to a checksummed file
+                for name in set(missing) & set(ROW_DATASETS):
+                    self.file["integrity/rows"].attrs["from:" + name] = m
             self.file.flush()
         self.comm.Barrier()
         return missing
@@ -472,11 +476,11 @@ def verify(f: h5py.File, path=None, rows: bool = True, configs: bool = True) -> 
                 bad("/checkpoint/slot_phi", r)
             for r in np.flatnonzero(want[:, 1] != have[:, 1]):
                 bad("/checkpoint/slot_rng", r)
-        elif "checkpoint/slot_trajectory" in f:
+        elif "checkpoint/phi" in f:  # the single checkpoint of a file from before the slots
+            unverified.append("/checkpoint (written before checkpoint checksums)")
+        else:
             problems.append({"replica": None, "dataset": "/checkpoint/slot_trajectory",
                              "first": None, "last": None, "count": 0})
-        else:
-            unverified.append("/checkpoint (written before checkpoint checksums)")
     n = max(0, done - int(f.attrs["thermalization"]))
     if rows and n:
         if "integrity/rows" in f:
@@ -485,15 +489,20 @@ def verify(f: h5py.File, path=None, rows: bool = True, configs: bool = True) -> 
                 unverified.append(f"measurements 0..{min(start, n) - 1} (written before checksums)")
             if start < n:
                 crcs = f["integrity/rows"][:, start:n]
-                names = str(f["integrity/rows"].attrs.get("datasets", ",".join(ROW_DATASETS))).split(",")
+                attrs = f["integrity/rows"].attrs
+                names = str(attrs.get("datasets", ",".join(ROW_DATASETS))).split(",")
                 for k, ds in enumerate(names):
                     if ds not in f:
                         continue
-                    want = row_checksums(f[ds][:, start:n], 0, start)
+                    first = max(start, int(attrs.get("from:" + ds, 0)))  # added later
+                    if first > start:
+                        unverified.append(f"/{ds} measurements {start}..{min(first, n) - 1} "
+                                          f"(written before the dataset existed)")
+                    want = row_checksums(f[ds][:, first:n], 0, first)
                     for r in range(want.shape[0]):
-                        idx = np.flatnonzero(want[r] != crcs[r, :, k])
+                        idx = np.flatnonzero(want[r] != crcs[r, first - start:, k])
                         if idx.size:
-                            bad("/" + ds, r, idx + start)
+                            bad("/" + ds, r, idx + first)
         else:
             unverified.append("/observables, /mc (written before checksums)")
     saved = f["configs"].shape[1] if "configs" in f else 0
