@@ -215,7 +215,7 @@ def test_compiled_production_equals_eager(tmp_path, compiled):
         assert run.main([str(path)]) == 0
         with h5py.File(d / "out" / "hmc.h5") as f:
             files[mode] = {k: f[k][()] for k in ("observables/M", "observables/C", "mc/dH",
-                                                 "mc/accepted", "checkpoint/phi")}
+                                                 "mc/accepted", "checkpoint/slot_phi")}
     for k, eager in files["off"].items():
         np.testing.assert_allclose(files["on"][k], eager, rtol=0, atol=1e-12, err_msg=k)
     assert (files["on"]["mc/accepted"] == files["off"]["mc/accepted"]).all()

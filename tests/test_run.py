@@ -242,8 +242,11 @@ def test_analysis_is_cached_until_the_ensemble_changes(make_input, tmp_path, cap
     assert analysis.main([str(h5), "--json", "--S", "1.5"]) == 0  # other settings: recomputed
     assert json.loads(capsys.readouterr().out)["acceptance"] == first["acceptance"]
     later = cache.stat().st_mtime_ns + 10**9
-    os.utime(h5, ns=(later, later))  # the ensemble changed after the cache
+    os.utime(h5, ns=(later, later))  # touched, not changed: the cache is keyed on content
     cache.write_text(json.dumps(stored))
     os.utime(cache, ns=(later - 10**8, later - 10**8))
+    assert analysis.main([str(h5), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["acceptance"] == -1.0
+    cache.write_text(json.dumps(dict(stored, digest="0" * 64)))  # other content: recomputed
     assert analysis.main([str(h5), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["acceptance"] == first["acceptance"]

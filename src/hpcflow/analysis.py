@@ -1,6 +1,7 @@
 """Error analysis of ensemble files with the Gamma method (pyerrors).
 
     python -m hpcflow.analysis RUN_DIR_OR_H5 [--json] [--S 2.0]
+    python -m hpcflow.analysis --check FILE_OR_DIR [--json]     # verify checksums: exit 0 / 2
 
 Each replica chain is one replica of a pyerrors ensemble named ``<run name>_<stage>``
 (replicas ``"<ens>|r000"``, ``"<ens>|r001"``, ...), so the Gamma method (Wolff,
@@ -47,7 +48,12 @@ dH, accepted, Mz when there are) and returns the same JSON dict and the Obs.
 
 Output: a table, or with ``--json`` the JSON of DESIGN.md section 4 (one object per
 ensemble; a list when a directory holds several), which also carries ``"c_M"``,
-``"cost"``, the ensemble's ``"input"`` text and ``"hpcflow_version"``.  Alongside each
+``"cost"``, the ensemble's ``"input"`` text and ``"hpcflow_version"``, and
+``"measurements_planned"`` (per replica) with ``"complete"`` (false for the partial
+ensemble of a running or interrupted production, whose numbers are those of the
+measurements done) and ``"integrity"`` (``{"status": "ok" | "unverified", ...}``: every
+file is verified against its checksums before it is analysed, :func:`run`; a corrupt one
+is refused, exit 2, with a line per replica and dataset).  Alongside each
 ensemble the primary Obs are written as a pyerrors JSON file ``<stage>.obs.json.gz`` for users' own scripts
 (``pyerrors.input.json.load_json``).
 """
@@ -374,10 +380,15 @@ def _derive(e, p, L, V, S, plateau_min):
 
     a = e.attrs
     accepted = e.data.get("accepted")
+    planned = int(a["trajectories"]) if a.get("trajectories") is not None else None
     result = {
         "L": L, "beta": _num(a.get("beta")), "lambda": _num(a.get("lambda")),
         "algorithm": _str(a.get("algorithm")), "replicas": int(e.M.shape[0]),
         "measurements": int(e.M.shape[1]),
+        "measurements_planned": planned,
+        "complete": None if planned is None else int(e.M.shape[1]) >= planned,
+        "integrity": (None if e.integrity is None else
+                      {"status": e.integrity["status"], "unverified": e.integrity["unverified"]}),
         "acceptance": float(accepted.mean()) if accepted is not None else None,
         "observables": {
             "M": entry(p["M"]), "absM": entry(p["absM"]), "M2": entry(p["M2"]),
@@ -447,9 +458,14 @@ def table(results: list[dict]) -> str:
     cols = [f"{j['algorithm']}" for j in js]
     lines = []
     for j in js:
+        partial = (f" (PARTIAL: {j['measurements']} of {j['measurements_planned']} planned)"
+                   if j.get("complete") is False else "")
         lines.append(f"{j['file']}: {j['algorithm']}, L={j['L']} beta={j['beta']} "
                      f"lambda={j['lambda']}, {j['replicas']} replicas x {j['measurements']} "
-                     f"measurements, acceptance {j['acceptance']:.3f}")
+                     f"measurements{partial}, acceptance {j['acceptance']:.3f}")
+        integrity = j.get("integrity") or {}
+        if integrity.get("status") == "unverified":
+            lines.append(f"  unverified: {'; '.join(integrity['unverified'])}")
     w = 26
     lines.append("")
     lines.append(f"{'':12s}" + "".join(f"{c:>{w}s}" for c in cols))
@@ -489,21 +505,28 @@ def find_ensembles(target) -> list[Path]:
 
 
 def cache_path(path: Path) -> Path:
-    """``<stage>.analysis.json`` beside an ensemble: its analysis, reused while it is newer
-    than the ensemble and was made with the same S, plateau_min and :data:`SCHEMA`."""
+    """``<stage>.analysis.json`` beside an ensemble: its analysis, reused while the
+    ensemble's counter and content (:attr:`hpcflow.store.Ensemble.digest`, sha256 of the
+    counter and the measured rows) are those it was made from, with the same S,
+    plateau_min and :data:`SCHEMA` (never by modification time: an analysis of a running
+    production may be written after the production moved on)."""
     return path.with_name(path.stem + ".analysis.json")
 
 
-def _cached(path: Path, S: float, plateau_min: int) -> dict | None:
+def _cache_key(e: Ensemble, S: float, plateau_min: int) -> dict:
+    return {"schema": SCHEMA, "S": S, "plateau_min": plateau_min,
+            "trajectory": e.integrity["trajectory"], "digest": e.digest}
+
+
+def _cached(path: Path, key: dict) -> dict | None:
     c = cache_path(path)
-    if not c.exists() or c.stat().st_mtime_ns < path.stat().st_mtime_ns:
+    if not c.exists():
         return None
     try:
         cached = json.loads(c.read_text())
     except (OSError, ValueError):
         return None
-    if (cached.get("schema") != SCHEMA or cached.get("S") != S
-            or cached.get("plateau_min") != plateau_min):
+    if any(cached.get(k) != v for k, v in key.items()):
         return None
     return {"json": cached["json"]}
 
@@ -512,30 +535,100 @@ def run(target, S: float = 2.0, plateau_min: int = 0, write: bool = True) -> lis
     """Analyse every ensemble in ``target`` (a file or a run directory).
 
     An analysis is cached beside its ensemble (:func:`cache_path`) and reused while the
-    ensemble file has not changed since; ``write`` = False neither writes the cache nor
-    the pyerrors Obs file.  Cached results carry the JSON only, not the Obs."""
+    ensemble's counter and content are those it was made from; ``write`` = False neither
+    writes the cache nor the pyerrors Obs file.  Cached results carry the JSON only, not
+    the Obs.  Every ensemble is read and verified against its checksums first
+    (:func:`hpcflow.store.load_ensemble`): a corrupt one raises
+    :class:`hpcflow.errors.CorruptFileError` (a line per replica and dataset); one written
+    before checksums existed is analysed with a warning and ``"integrity": {"status":
+    "unverified"}``.  A partial ensemble (a running or interrupted production) is analysed
+    with ``"complete": false`` and a warning."""
     results = []
     for path in find_ensembles(target):
-        cached = _cached(Path(path), S, plateau_min)
+        e = load_ensemble(path)
+        if e.integrity["status"] == "unverified":
+            logger.warning(f"[analysis] {path}: unverified ({'; '.join(e.integrity['unverified'])})")
+        planned = int(e.attrs["trajectories"])
+        if e.M.shape[1] < planned:
+            logger.warning(f"[analysis] {path}: partial ensemble, {e.M.shape[1]} of {planned} "
+                           f"measurements per replica")
+        key = _cache_key(e, S, plateau_min)
+        cached = _cached(Path(path), key)
         if cached is not None:
             logger.debug(f"[analysis] {path}: cached analysis {cache_path(Path(path))} reused")
             results.append(cached)
             continue
-        e = load_ensemble(path)
         logger.debug(f"[analysis] analysing {path}")
         r = analyse_ensemble(e, S=S, plateau_min=plateau_min)
         if write:
             r["json"]["obs_file"] = str(write_obs(r, e))
-            cache_path(e.path).write_text(json.dumps(
-                {"schema": SCHEMA, "S": S, "plateau_min": plateau_min, "json": r["json"]}) + "\n")
+            cache_path(e.path).write_text(json.dumps({**key, "json": r["json"]}) + "\n")
         results.append(r)
     return results
+
+
+def check(target) -> tuple[list[dict], list[str]]:
+    """Verify every ensemble file of ``target`` (a file, or every ``*.h5`` of a directory)
+    against its checksums (:func:`hpcflow.store.verify`).
+
+    Returns
+    -------
+    (reports, lines)
+        One report per file, and the human report: per file its status, and for a corrupt
+        one a line per replica (``ok`` or what fails, naming the dataset and rows)."""
+    import h5py
+
+    from .store import verify
+
+    target = Path(target)
+    files = sorted(target.glob("*.h5")) if target.is_dir() else [target]
+    reports, lines = [], []
+    for path in files:
+        try:
+            with h5py.File(path, "r") as f:
+                rep = verify(f, path)
+                rep["replicas"] = int(f.attrs["replicas"])
+                rep["measurements"] = max(0, rep["trajectory"] - int(f.attrs["thermalization"]))
+        except (OSError, KeyError, ValueError) as err:
+            rep = {"file": str(path), "status": "corrupt", "problems": [], "unverified": [],
+                   "text": [f"{path}: unreadable ({err})"], "replicas": 0}
+            reports.append(rep)
+            lines.append(rep["text"][0])
+            continue
+        reports.append(rep)
+        what = (f"checkpoint at trajectory {rep['trajectory']}, {rep['replicas']} replicas x "
+                f"{rep['measurements']} measurements")
+        if rep["status"] == "ok":
+            lines.append(f"{path}: ok ({what}: every checksum matches)")
+        elif rep["status"] == "unverified":
+            lines.append(f"{path}: unverified ({what}; no checksums for: "
+                         f"{'; '.join(rep['unverified'])})")
+        else:
+            lines.append(f"{path}: CORRUPT ({what})")
+            for r in range(rep["replicas"]):
+                mine = [p for p in rep["problems"] if p["replica"] == r]
+                if not mine:
+                    lines.append(f"  replica {r}: ok")
+                for p in mine:
+                    span = ("checksum mismatch" if p["first"] is None else
+                            f"{p['count']} row(s) fail their checksum "
+                            f"({'configurations' if p['dataset'] == '/configs' else 'measurements'} "
+                            f"{p['first']}..{p['last']})")
+                    lines.append(f"  replica {r}: {p['dataset']}: {span}")
+            for p in rep["problems"]:
+                if p["replica"] is None:
+                    lines.append(f"  {p['dataset']}: no checkpoint slot holds trajectory "
+                                 f"{rep['trajectory']}")
+    return reports, lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=log_mod.program_name("hpcflow.analysis", "hpcflow-analysis"), description=__doc__.split("\n")[0])
     ap.add_argument("target", help="a run directory or an ensemble .h5 file")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--check", action="store_true",
+                    help="only verify the file(s) against their checksums (every *.h5 of a "
+                         "directory): exit 0 ok or unverified, 2 corrupt")
     ap.add_argument("--S", type=float, default=2.0, help="Gamma-method window parameter (default 2)")
     ap.add_argument("--plateau-min", type=int, default=0, help="first t of the m_eff plateau (0 = L/4)")
     log_mod.add_arguments(ap)
@@ -544,6 +637,13 @@ def main(argv=None) -> int:
     if not Path(args.target).exists():
         print(f"error: {args.target}: no such file or directory", file=sys.stderr)
         return 2
+    if args.check:
+        reports, lines = check(args.target)
+        print(json.dumps(reports, indent=1) if args.json else "\n".join(lines))
+        if not reports:
+            print(f"error: {args.target}: no .h5 files", file=sys.stderr)
+            return 2
+        return 2 if any(r["status"] == "corrupt" for r in reports) else 0
     try:
         results = run(args.target, S=args.S, plateau_min=args.plateau_min)
     except (OSError, KeyError, ValueError) as err:

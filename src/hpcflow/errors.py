@@ -42,3 +42,8 @@ class StageError(RuntimeError):
 
 class FlowFamilyError(ValueError):
     """A flow description (spec) from another flow family than this version's."""
+
+
+class CorruptFileError(StageError, ValueError):
+    """A file fails its checksums; the message names the file, and replica and dataset
+    (one line each) (exit 2)."""

@@ -24,8 +24,10 @@ This module uses MPI only through the ``world`` it is given (:mod:`hpcflow.paral
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import h5py
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from . import store
-from .errors import StageError
+from .errors import CorruptFileError, StageError
 from .hmc import INTEGRATORS, HMCState, hmc_step, init_state
 from .log import logger
 from .observables import OBSERVABLES, measure_all
@@ -122,6 +124,7 @@ class Production:
     buffers: "_Buffers"
     flush_from: int
     trajectory: object = None  # the fused trajectory (hpcflow.fused), None = eager
+    rename_to: object = None  # a new file's final path, until its first checkpoint
 
     @property
     def thermalization(self) -> int:
@@ -171,30 +174,47 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
     if existing is not None and existing.get("fingerprint") != fp:
         why = existing.get("unreadable", "it was made by a different input")
         raise StageError(f"{path} exists and {why}; rerun with --force to replace it")
+    new_path = Path(path).with_name(Path(path).name + store.NEW_SUFFIX)
+    if existing is not None:
+        _check_integrity(existing["report"], spec.stage, path)
+        if world.is_root and new_path.exists():  # a start that never reached a checkpoint
+            logger.info(f"[{spec.stage}] removing {new_path}: an unfinished new start "
+                        f"(no checkpoint), superseded by {path}")
+            new_path.unlink()
     if existing is not None and existing["done"] >= existing["total"]:
         logger.info(f"[{spec.stage}] {path} is complete: skipped (use --force to recompute)")
         return None
 
     layout = store.layout(L, R, N, saved)
     cost_before = {"seconds": 0.0, "rank_seconds": 0.0, "segments": 0}
+    rename_to = None
     if existing is not None and existing["done"] > 0:
         writer.reopen()
         done = existing["done"]
+        writer.slot = existing["slot"]
+        if writer.slot is None:  # the single checkpoint of a file from before the slots
+            phi_rng = writer.read_rows("checkpoint/phi"), writer.read_rows("checkpoint/rng")
         missing = writer.ensure(layout)  # a file begun by an older version
         if world.is_root and "cost/first_trajectory" in missing:
             writer.file["cost/first_trajectory"][0] = done  # earlier segments were not timed
         cost_before = writer.read_cost() or cost_before
-        phi = torch.from_numpy(writer.read_rows("checkpoint/phi")).to(world.device)
-        streams.set_state(writer.read_rows("checkpoint/rng"))
+        if writer.slot is not None:
+            phi_rng = (writer.read_rows("checkpoint/slot_phi", (writer.slot,)),
+                       writer.read_rows("checkpoint/slot_rng", (writer.slot,)))
+        phi = torch.from_numpy(phi_rng[0]).to(world.device)
+        streams.set_state(phi_rng[1])
         status = "resumed"
         logger.info(f"[{spec.stage}] resuming {path} at trajectory {done}/{total}")
     else:
+        # A new file is written beside the result and renamed onto it at its first
+        # checkpoint: an old result (--force) stays until the new one can be resumed.
+        writer.path, rename_to = new_path, Path(path)
         writer.create(attrs, layout)
         done = 0
         status = "done"
         if spec.initial_from is not None:
             with h5py.File(spec.initial_from, "r") as f:
-                phi = torch.from_numpy(f["checkpoint/phi"][block.start:block.stop]).to(world.device)
+                phi = torch.from_numpy(store.read_checkpoint(f, block)[0]).to(world.device)
         elif section.start == "hot":
             phi = streams.normal((L, L), world.device)
         else:
@@ -210,7 +230,17 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
                       init_state(spec.action, phi), done, total, status, t_start, cost_before,
                       Progress(world, spec.stage, total, done, R, cfg.run.progress_every),
                       _Buffers(), max(done - n_therm, 0),
-                      trajectory)
+                      trajectory, rename_to)
+
+
+def _check_integrity(report, stage, path):
+    """Refuse a file that fails its checksums (:func:`hpcflow.store.verify`); say when
+    parts of it cannot be verified (written before checksums existed)."""
+    if report["status"] == "corrupt":
+        raise CorruptFileError("\n".join(report["text"]) + f"\n{path}: fails its checksums; "
+                               "rerun with --force to recompute it")
+    if report["status"] == "unverified":
+        logger.warning(f"[{stage}] {path}: unverified ({'; '.join(report['unverified'])})")
 
 
 def _trajectory(cfg, world, section, spec, phi):
@@ -265,6 +295,12 @@ def checkpoint(p: Production) -> None:
     the counter (collective); report progress."""
     _flush(p.writer, p.buffers, p.flush_from, p.state, p.streams, p.done, p.cost_now())
     p.flush_from = max(p.done - p.thermalization, 0)
+    if p.rename_to is not None:  # the new file's first checkpoint: it becomes the result
+        p.world.comm.Barrier()
+        if p.world.is_root:
+            os.replace(p.writer.path, p.rename_to)
+        p.world.comm.Barrier()
+        p.writer.path, p.rename_to = p.rename_to, None
     p.progress.report(p.done, p.thermalization, final=p.done == p.total)
 
 
@@ -328,13 +364,20 @@ def _flush(writer, buffers, m0, state, streams, done, cost=None):
     """Write measurements [m0, m0 + n), configurations, checkpoint, then the cost and the
     counter."""
     n = len(next(iter(buffers.rows.values())))
+    r0 = writer.block.start
     if n:
+        crcs = []
         for name, rows in buffers.rows.items():
-            writer.write_rows(name, np.stack(rows, axis=1), (slice(m0, m0 + n),))
+            rows = np.stack(rows, axis=1)
+            writer.write_rows(name, rows, (slice(m0, m0 + n),))
+            crcs.append(store.row_checksums(rows, r0, m0))
+        writer.write_rows("integrity/rows", np.stack(crcs, axis=-1), (slice(m0, m0 + n),))
+    store.kill_point("rows")
     # Every rank saves the same configuration indices, so the collective calls match.
     for index, phi in buffers.configs:
         writer.write_rows("configs", phi, (index,))
-    writer.write_rows("checkpoint/phi", state.phi.detach().cpu().numpy())
-    writer.write_rows("checkpoint/rng", streams.get_state())
-    writer.set_counter(done, cost)
+        writer.write_rows("integrity/configs", store.row_checksums(phi[:, None], r0, index)[:, 0],
+                          (index,))
+    store.kill_point("configs")
+    writer.write_checkpoint(state.phi.detach().cpu().numpy(), streams.get_state(), done, cost)
     buffers.clear()

@@ -9,7 +9,7 @@ Every random number hpcflow draws comes from a numpy PCG64 generator seeded by
 - flow-acceptance proposals: ``(purpose_key("metropolis"), purpose_key(tag), rank)``.
 
 A stream's exact state is a fixed-size row of :data:`STATE_WIDTH` uint64 numbers, which
-checkpoints store (``/checkpoint/rng``) to resume a chain exactly.
+checkpoints store (``/checkpoint/slot_rng``) to resume a chain exactly.
 
 ``replica_block`` is the layout of replicas over ranks (DESIGN.md section 3): rank r of
 ``size`` owns a contiguous block, the first n % size ranks one replica more.

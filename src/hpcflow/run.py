@@ -86,23 +86,35 @@ def stage_fhmc(cfg, world, force):
 def stage_analysis(cfg, world, force):
     from . import analysis
 
+    error = None
     if world.is_root:
-        results = analysis.run(cfg.output, S=cfg.analysis.S, plateau_min=cfg.analysis.plateau_min)
-        others = []
-        for other in cfg.analysis.compare:
-            if Path(other).exists():
-                others += analysis.run(other, S=cfg.analysis.S, plateau_min=cfg.analysis.plateau_min,
-                                       write=False)
-            else:
-                logger.warning(f"[analysis] [analysis] compare: {other} does not exist (yet); not shown")
-        if results:
-            print(analysis.table(others + results), flush=True)  # the stage's result, not a log line
-            out = [r["json"] for r in results]
-            STAGE_TABLE["analysis"].path(cfg).write_text(
-                json.dumps(out[0] if len(out) == 1 else out, indent=1) + "\n")
-        else:
-            logger.warning(f"[analysis] no ensembles in {cfg.output}")
+        try:
+            _analysis_on_root(cfg, analysis)
+        except StageError as err:  # e.g. a corrupt ensemble: every rank exits 2
+            error = str(err)
     world.idle_barrier()
+    error = world.comm.bcast(error, root=0)
+    if error is not None:
+        raise StageError(error)
+
+
+def _analysis_on_root(cfg, analysis):
+    """The analysis stage's work on rank 0: analyse, print the table, write the JSON."""
+    results = analysis.run(cfg.output, S=cfg.analysis.S, plateau_min=cfg.analysis.plateau_min)
+    others = []
+    for other in cfg.analysis.compare:
+        if Path(other).exists():
+            others += analysis.run(other, S=cfg.analysis.S, plateau_min=cfg.analysis.plateau_min,
+                                   write=False)
+        else:
+            logger.warning(f"[analysis] [analysis] compare: {other} does not exist (yet); not shown")
+    if results:
+        print(analysis.table(others + results), flush=True)  # the stage's result, not a log line
+        out = [r["json"] for r in results]
+        STAGE_TABLE["analysis"].path(cfg).write_text(
+            json.dumps(out[0] if len(out) == 1 else out, indent=1) + "\n")
+    else:
+        logger.warning(f"[analysis] no ensembles in {cfg.output}")
 
 
 # What each stage of the table hpcflow.stages.STAGES does.

@@ -16,10 +16,22 @@ One file per production stage (``hmc.h5``, later ``fhmc.h5``, ``coarse.h5``):
     /mc/accepted            int8    [replicas, measurements]        Metropolis decision
                             (these six from :data:`hpcflow.observables.OBSERVABLES`)
     /configs                float64 [replicas, saved, L, L]         every save_every-th field
-    /checkpoint/phi         float64 [replicas, L, L]                chain positions
-    /checkpoint/rng         uint64  [replicas, 6]                   random-stream states
+    /checkpoint/slot_phi    float64 [replicas, 2, L, L]             chain positions, two slots
+    /checkpoint/slot_rng    uint64  [replicas, 2, 6]                random-stream states
+    /checkpoint/slot_crc    uint32  [replicas, 2, 2]                crc32 of each replica's
+                                                                    slot_phi and slot_rng row
+                                                                    (:func:`checkpoint_checksums`)
+    /checkpoint/slot_trajectory int64 [2]                           the counter each slot holds
+                                                                    (-1: never written)
     /checkpoint/trajectory  int64   [1]                             trajectories done per replica
-                                                                    (thermalization included)
+                                                                    (thermalization included):
+                                                                    the commit, naming the slot
+                                                                    whose slot_trajectory equals it
+    /integrity/rows         uint32  [replicas, measurements, 6]     crc32 of every row of the six
+                                                                    datasets above, in the order
+                                                                    of attribute ``datasets``
+                                                                    (:func:`row_checksums`)
+    /integrity/configs      uint32  [replicas, saved]               crc32 of every stored field
     /cost/seconds           float64 [1]     wall seconds of the production, all segments
     /cost/rank_seconds      float64 [1]     sum over segments of wall seconds x ranks
     /cost/ranks             int64   [1]     MPI ranks of the latest segment
@@ -42,9 +54,35 @@ and a resumed production adds them (:meth:`EnsembleWriter.ensure`), Mz then NaN 
 resumption.
 
 Every dataset is created at full size with its space allocated at creation, so that a run
-only ever writes raw data into place: the measurements and the checkpoint first, flushed,
-then the trajectory counter, flushed.  A run killed at any moment leaves a file whose
-counter names only data that reached the disk, from which the run resumes.
+only ever writes raw data into place.  A checkpoint (:meth:`EnsembleWriter.write_checkpoint`)
+writes, in this order: the measurements since the last one and their checksums, the stored
+configurations and theirs, then the chain positions, stream states and their checksums
+into the slot that the counter does *not* name, flushed; then the slot's own counter,
+flushed; then the cost and the counter ``/checkpoint/trajectory`` (the commit), flushed.
+Until the commit the counter still names the other slot, untouched, and the rows it
+counts, so a run killed at any byte of a checkpoint resumes from the previous one, bit for
+bit as if uninterrupted (what lay beyond the counter is written again).  (A kill, not a
+power loss: nothing is fsync'ed.)
+
+Checksums (crc32; the initial value mixes in replica and row, so a row in the wrong place
+fails too) are verified (:func:`verify`) on every resumption or skip of a production
+(:func:`inspect`; a mismatch stops the run, exit 2, naming file, replica and dataset), by
+every read of the analysis (:func:`load_ensemble`) and by ``python -m hpcflow.analysis
+--check``.  The ``from`` attribute of ``/integrity/rows`` and ``/integrity/configs`` is the
+first index they cover: 0, or for a file begun before checksums existed and resumed after,
+the first row written after the resumption (``from:<dataset>`` of ``/integrity/rows``: the
+same for a row dataset added to a file that had checksums); what lies before is
+*unverified*, reported as such, never refused.  Such older files have ``/checkpoint/phi`` [replicas, L, L] and
+``/checkpoint/rng`` [replicas, 6] (one checkpoint, no slots): they are read and resumed
+(:func:`read_checkpoint`), and a resumption adds the slots and checksums.
+
+A new file is created as ``<name>.new`` beside the result (e.g. ``hmc.h5.new``) and renamed
+onto it (``os.replace``) right after its first checkpoint, so a result file always holds a
+checkpoint, and ``--force`` leaves an old result in place until the new one has its first
+checkpoint.  A ``.new`` file is never resumed: a run finding one starts afresh (or removes
+it, when the result it would replace is there to resume or skip).  A result file with no
+committed checkpoint (empty, or killed during its creation by a version before ``.new``
+files) is started afresh too.
 
 Two ways of writing produce the same file:
 
@@ -57,6 +95,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,11 +104,66 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .errors import StageError  # also importable from here, where it was first defined
+from .errors import CorruptFileError, StageError  # StageError: first defined here
 from .observables import OBSERVABLES
 from .rng import STATE_WIDTH
 
-CHECKPOINT_WIDTH = STATE_WIDTH  # uint64 per replica in /checkpoint/rng
+CHECKPOINT_WIDTH = STATE_WIDTH  # uint64 per replica in /checkpoint/slot_rng
+SLOTS = 2  # checkpoint slots: the committed one and the one being written
+#: The per-trajectory datasets whose rows carry checksums, in the order of the last axis of
+#: ``/integrity/rows``.
+ROW_DATASETS: tuple[str, ...] = tuple(o.dataset for o in OBSERVABLES)
+#: Suffix of a new ensemble file until its first checkpoint (then renamed onto the result).
+NEW_SUFFIX = ".new"
+
+#: Exit status of a process stopped by :func:`kill_point` (tests only).
+KILLED_STATUS = 99
+
+
+def kill_point(name: str):
+    """Fault injection for the tests: with ``HPCFLOW_TEST_KILL=name`` (or ``name@n``, the
+    n-th time this point is reached, default the first) in the environment, the process
+    exits at once with :data:`KILLED_STATUS` (``os._exit``: no clean-up, no HDF5 close),
+    as a kill at that point of a write would leave it."""
+    want = os.environ.get("HPCFLOW_TEST_KILL")
+    if not want:
+        return
+    point, _, nth = want.partition("@")
+    if point != name:
+        return
+    _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
+    if _KILL_COUNTS[name] == int(nth or 1):
+        os._exit(KILLED_STATUS)
+
+
+_KILL_COUNTS: dict[str, int] = {}
+
+
+def _crc_start(replica: int, index: int) -> int:
+    return (index * 2654435761 + replica * 40503 + 1) & 0xFFFFFFFF
+
+
+def row_checksums(rows: np.ndarray, r0: int, m0: int) -> np.ndarray:
+    """uint32 [B, n]: crc32 of row (r0 + b, m0 + i) of ``rows`` [B, n, ...], its bytes as
+    stored (little-endian), with initial value (m 2654435761 + r 40503 + 1) mod 2^32, so
+    that a row written to another place fails its checksum too."""
+    a = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))
+    B, n = a.shape[:2]
+    width = a[0, 0].nbytes if B and n else 0
+    out = np.empty((B, n), dtype=np.uint32)
+    for b in range(B):
+        buf = memoryview(a[b].tobytes())
+        out[b] = [zlib.crc32(buf[i * width:(i + 1) * width], _crc_start(r0 + b, m0 + i))
+                  for i in range(n)]
+    return out
+
+
+def checkpoint_checksums(phi: np.ndarray, rng: np.ndarray, trajectory: int, r0: int) -> np.ndarray:
+    """uint32 [B, 2]: the crc32 of replica r0 + b's chain position ``phi[b]`` and of its
+    stream state ``rng[b]``, each with the initial value of (r0 + b, trajectory), so that a
+    slot's data only matches the counter it was written for."""
+    return np.stack([row_checksums(phi[:, None], r0, trajectory)[:, 0],
+                     row_checksums(rng[:, None], r0, trajectory)[:, 0]], axis=1)
 
 
 def h5py_has_mpi() -> bool:
@@ -108,9 +203,13 @@ def layout(L: int, replicas: int, measurements: int, saved: int) -> dict[str, tu
     return {
         **{o.dataset: ((R, N, *o.shape(L)), o.dtype, o.fill) for o in OBSERVABLES},
         "configs": ((R, saved, L, L), "f8", nan),
-        "checkpoint/phi": ((R, L, L), "f8", nan),
-        "checkpoint/rng": ((R, CHECKPOINT_WIDTH), "u8", 0),
+        "checkpoint/slot_phi": ((R, SLOTS, L, L), "f8", nan),
+        "checkpoint/slot_rng": ((R, SLOTS, CHECKPOINT_WIDTH), "u8", 0),
+        "checkpoint/slot_crc": ((R, SLOTS, 2), "u4", 0),
+        "checkpoint/slot_trajectory": ((SLOTS,), "i8", -1),
         "checkpoint/trajectory": ((1,), "i8", 0),
+        "integrity/rows": ((R, N, len(ROW_DATASETS)), "u4", 0),
+        "integrity/configs": ((R, saved), "u4", 0),
         "cost/seconds": ((1,), "f8", 0.0),
         "cost/rank_seconds": ((1,), "f8", 0.0),
         "cost/ranks": ((1,), "i8", 0),
@@ -118,6 +217,14 @@ def layout(L: int, replicas: int, measurements: int, saved: int) -> dict[str, tu
         "cost/device": ((1,), f"S{COST_DEVICE_BYTES}", None),
         "cost/first_trajectory": ((1,), "i8", 0),
     }
+
+
+def _mark_integrity(f, name: str, start: int):
+    """Attributes of a checksum dataset: ``from`` (first index it covers), and for
+    ``/integrity/rows`` ``datasets`` (the datasets of its last axis, comma-separated)."""
+    f[name].attrs["from"] = start
+    if name == "integrity/rows":
+        f[name].attrs["datasets"] = ",".join(ROW_DATASETS)
 
 
 class EnsembleWriter:
@@ -128,6 +235,7 @@ class EnsembleWriter:
     def __init__(self, path, comm, block: range, io: str):
         self.path, self.comm, self.block, self.io = Path(path), comm, block, io
         self.file = None
+        self.slot = None  # the committed checkpoint slot (None: no checkpoint yet)
 
     # -- opening -----------------------------------------------------------------------
     def _open(self, mode):
@@ -147,8 +255,12 @@ class EnsembleWriter:
                 self.file.attrs[k] = v
             for name, (shape, dtype, fill) in datasets.items():
                 self.file.create_dataset(name, shape=shape, dtype=dtype, dcpl=_early_dcpl(fill))
+            for name in ("integrity/rows", "integrity/configs"):
+                if name in datasets:
+                    _mark_integrity(self.file, name, 0)
             self.file.flush()
         self.comm.Barrier()
+        kill_point("created")
         return self
 
     def reopen(self):
@@ -166,6 +278,18 @@ class EnsembleWriter:
             for name in missing:
                 shape, dtype, fill = datasets[name]
                 self.file.create_dataset(name, shape=shape, dtype=dtype, dcpl=_early_dcpl(fill))
+            # checksums cover what is written from now on: measurements from the counter's
+            # (thermalization counted off), configurations from the next one to store
+            done, _ = progress(self.file)
+            m = max(0, done - int(self.file.attrs["thermalization"]))
+            every = int(self.file.attrs["save_every"])
+            for name, start in (("integrity/rows", m),
+                                ("integrity/configs", m // every if every else 0)):
+                if name in missing:
+                    _mark_integrity(self.file, name, start)
+            if "integrity/rows" not in missing:  # a row dataset added to a checksummed file
+                for name in set(missing) & set(ROW_DATASETS):
+                    self.file["integrity/rows"].attrs["from:" + name] = m
             self.file.flush()
         self.comm.Barrier()
         return missing
@@ -208,16 +332,43 @@ class EnsembleWriter:
             self.file["checkpoint/trajectory"][0] = trajectories
         self.flush()
 
+    def write_checkpoint(self, phi: np.ndarray, rng: np.ndarray, trajectories: int,
+                         cost: dict | None = None):
+        """Write this rank's chain positions ``phi`` [B, L, L] and stream states ``rng``
+        [B, 6] as the checkpoint after ``trajectories``, atomically (collective).
+
+        They go into the slot that is not the committed one, with their checksums; after a
+        flush rank 0 writes the slot's counter, then (:meth:`set_counter`) the cost and the
+        commit ``/checkpoint/trajectory``.  A kill at any byte before that last write
+        leaves the committed slot untouched and named by the counter."""
+        slot = 0 if self.slot is None else 1 - self.slot
+        self.write_rows("checkpoint/slot_phi", phi, (slot,))
+        kill_point("slot-phi")
+        self.write_rows("checkpoint/slot_rng", rng, (slot,))
+        kill_point("slot-rng")
+        self.write_rows("checkpoint/slot_crc",
+                        checkpoint_checksums(phi, rng, trajectories, self.block.start), (slot,))
+        self.flush()
+        self.comm.Barrier()
+        kill_point("slot-crc")
+        if self.comm.Get_rank() == 0:
+            self.file["checkpoint/slot_trajectory"][slot] = trajectories
+        self.flush()
+        kill_point("slot-counter")
+        self.set_counter(trajectories, cost)
+        self.slot = slot
+        kill_point("commit")
+
     def flush(self):
         if self.file is not None:
             self.file.flush()
 
     # -- reading back a checkpoint ------------------------------------------------------
-    def read_rows(self, name: str) -> np.ndarray:
-        """This rank's replicas' rows of dataset ``name``."""
+    def read_rows(self, name: str, index=()) -> np.ndarray:
+        """This rank's replicas' rows of dataset ``name``: dataset[block, *index]."""
         if self.io == "mpio":
-            return self.file[name][self.block.start:self.block.stop]
-        full = self.file[name][()] if self.comm.Get_rank() == 0 else None
+            return self.file[name][(slice(self.block.start, self.block.stop), *index)]
+        full = self.file[name][(slice(None), *index)] if self.comm.Get_rank() == 0 else None
         blocks = self.comm.gather(self.block, root=0)
         parts = [full[b.start:b.stop] for b in blocks] if full is not None else None
         return self.comm.scatter(parts, root=0)
@@ -230,19 +381,172 @@ class EnsembleWriter:
 
 
 def inspect(path, comm) -> dict | None:
-    """Rank 0 reads what an existing file is (fingerprint, counter, total); broadcast.
+    """Rank 0 reads what an existing file is and verifies it (:func:`verify`); broadcast.
 
-    None when there is no file; {"unreadable": reason} for a file that cannot be read."""
+    None when there is no file, or when it holds no checkpoint yet (empty, or an HDF5 file
+    without a committed counter: a run killed between creating it and its first
+    checkpoint, which produced nothing); {"unreadable": reason} for a file that cannot be
+    read; else {"fingerprint", "done", "total", "slot" (the committed checkpoint slot, None
+    for a file of the single-checkpoint layout), "report" (of :func:`verify`)}."""
     info = None
-    if comm.Get_rank() == 0 and Path(path).exists():
+    path = Path(path)
+    if comm.Get_rank() == 0 and path.exists():
         try:
-            with h5py.File(path, "r") as f:
-                done, total = progress(f)
-                info = {"fingerprint": str(f.attrs.get("fingerprint", "")), "done": done,
-                        "total": total}
-        except (OSError, KeyError) as e:
+            info = _inspect(path)
+        except (OSError, KeyError, ValueError) as e:
             info = {"unreadable": str(e)}
     return comm.bcast(info, root=0)
+
+
+def _inspect(path: Path) -> dict | None:
+    if path.stat().st_size == 0:
+        return None
+    with h5py.File(path, "r") as f:
+        if "checkpoint/trajectory" not in f or "thermalization" not in f.attrs:
+            return None
+        done, total = progress(f)
+        if done <= 0:
+            return None
+        report = verify(f, path)
+        return {"fingerprint": str(f.attrs.get("fingerprint", "")), "done": done,
+                "total": total, "slot": report["slot"], "report": report}
+
+
+def committed_slot(f: h5py.File) -> int | None:
+    """The checkpoint slot that the counter names (the one whose own counter equals it);
+    None for a file of the single-checkpoint layout (``/checkpoint/phi``) or none found."""
+    if "checkpoint/slot_trajectory" not in f:
+        return None
+    done = int(f["checkpoint/trajectory"][0])
+    hits = [s for s, t in enumerate(f["checkpoint/slot_trajectory"][()]) if t == done]
+    return hits[0] if hits else None
+
+
+def read_checkpoint(f: h5py.File, block: range | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(phi [B, L, L], rng [B, 6]) of the committed checkpoint for the replicas ``block``
+    (default all), from its slot, or from ``/checkpoint/phi`` and ``/checkpoint/rng`` in a
+    file of the single-checkpoint layout (before checkpoint slots existed)."""
+    sel = slice(None) if block is None else slice(block.start, block.stop)
+    slot = committed_slot(f)
+    if slot is not None:
+        return f["checkpoint/slot_phi"][sel, slot], f["checkpoint/slot_rng"][sel, slot]
+    if "checkpoint/phi" in f:
+        return f["checkpoint/phi"][sel], f["checkpoint/rng"][sel]
+    raise KeyError(f"no checkpoint slot holds trajectory {int(f['checkpoint/trajectory'][0])} "
+                   f"(/checkpoint/slot_trajectory)")
+
+
+def verify(f: h5py.File, path=None, rows: bool = True, configs: bool = True) -> dict:
+    """Check an open ensemble file against its checksums.
+
+    Checked: the committed checkpoint (``/checkpoint/slot_crc``: crc32 of every replica's
+    chain position and stream state for the counter), and with ``rows`` every measured row
+    of every dataset of :data:`ROW_DATASETS` (``/integrity/rows``), with ``configs`` every
+    stored configuration (``/integrity/configs``), from the ``from`` attribute of each on
+    (parts written before checksums existed are unverified).
+
+    Returns
+    -------
+    dict
+        ``file``, ``trajectory`` (the counter), ``slot``, ``status``: ``"ok"`` (all checked
+        and matching), ``"unverified"`` (nothing wrong found, some parts without checksums:
+        ``unverified`` says which) or ``"corrupt"``; ``problems``: one entry per replica and
+        dataset, {"replica", "dataset", "first", "last", "count"} (measurement or
+        configuration indices that fail; "first" = "last" = None for a checkpoint), and
+        ``text`` (one line per problem, naming file, replica and dataset).
+    """
+    name = str(path if path is not None else f.filename)
+    done = int(f["checkpoint/trajectory"][0])
+    slot = committed_slot(f)
+    problems, unverified = [], []
+
+    def bad(dataset, replica, idx=None):
+        idx = np.asarray(idx if idx is not None else [], dtype=np.int64)
+        problems.append({"replica": int(replica), "dataset": dataset,
+                         "first": int(idx.min()) if idx.size else None,
+                         "last": int(idx.max()) if idx.size else None, "count": int(idx.size)})
+
+    if done > 0:
+        if slot is not None:
+            phi = f["checkpoint/slot_phi"][:, slot]
+            rng = f["checkpoint/slot_rng"][:, slot]
+            want = checkpoint_checksums(phi, rng, done, 0)
+            have = f["checkpoint/slot_crc"][:, slot]
+            for r in np.flatnonzero(want[:, 0] != have[:, 0]):
+                bad("/checkpoint/slot_phi", r)
+            for r in np.flatnonzero(want[:, 1] != have[:, 1]):
+                bad("/checkpoint/slot_rng", r)
+        elif "checkpoint/phi" in f:  # the single checkpoint of a file from before the slots
+            unverified.append("/checkpoint (written before checkpoint checksums)")
+        else:
+            problems.append({"replica": None, "dataset": "/checkpoint/slot_trajectory",
+                             "first": None, "last": None, "count": 0})
+    n = max(0, done - int(f.attrs["thermalization"]))
+    if rows and n:
+        if "integrity/rows" in f:
+            start = int(f["integrity/rows"].attrs.get("from", 0))
+            if start > 0:
+                unverified.append(f"measurements 0..{min(start, n) - 1} (written before checksums)")
+            if start < n:
+                crcs = f["integrity/rows"][:, start:n]
+                attrs = f["integrity/rows"].attrs
+                names = str(attrs.get("datasets", ",".join(ROW_DATASETS))).split(",")
+                for k, ds in enumerate(names):
+                    if ds not in f:
+                        continue
+                    first = max(start, int(attrs.get("from:" + ds, 0)))  # added later
+                    if first > start:
+                        unverified.append(f"/{ds} measurements {start}..{min(first, n) - 1} "
+                                          f"(written before the dataset existed)")
+                    want = row_checksums(f[ds][:, first:n], 0, first)
+                    for r in range(want.shape[0]):
+                        idx = np.flatnonzero(want[r] != crcs[r, first - start:, k])
+                        if idx.size:
+                            bad("/" + ds, r, idx + first)
+        else:
+            unverified.append("/observables, /mc (written before checksums)")
+    saved = f["configs"].shape[1] if "configs" in f else 0
+    every = int(f.attrs.get("save_every", 0))
+    stored = min(saved, n // every) if every else 0
+    if configs and stored:
+        if "integrity/configs" in f:
+            start = int(f["integrity/configs"].attrs.get("from", 0))
+            if start > 0:
+                unverified.append(f"configurations 0..{min(start, stored) - 1} (written before checksums)")
+            for k in range(start, stored):
+                want = row_checksums(f["configs"][:, k][:, None], 0, k)[:, 0]
+                for r in np.flatnonzero(want != f["integrity/configs"][:, k]):
+                    bad("/configs", r, [k])
+        else:
+            unverified.append("/configs (written before checksums)")
+    problems = _merge(problems)
+    text = [f"{name}: replica {p['replica']}: {p['dataset']}: " + (
+            "checksum mismatch" if p["first"] is None else
+            f"{p['count']} row(s) fail their checksum ({_span(p)})") if p["replica"] is not None
+            else f"{name}: {p['dataset']}: no checkpoint slot holds trajectory {done}"
+            for p in problems]
+    status = "corrupt" if problems else ("unverified" if unverified else "ok")
+    return {"file": name, "trajectory": done, "slot": slot, "status": status,
+            "problems": problems, "unverified": unverified, "text": text}
+
+
+def _merge(problems):
+    """One entry per (replica, dataset): configurations fail one by one."""
+    out = {}
+    for p in problems:
+        key = (p["replica"], p["dataset"])
+        if key in out and p["first"] is not None:
+            q = out[key]
+            q["first"], q["last"] = min(q["first"], p["first"]), max(q["last"], p["last"])
+            q["count"] += p["count"]
+        else:
+            out[key] = dict(p)
+    return list(out.values())
+
+
+def _span(p):
+    kind = "configurations" if p["dataset"] == "/configs" else "measurements"
+    return f"{kind} {p['first']}" + (f"..{p['last']}" if p["last"] != p["first"] else "")
 
 
 def read_cost(f: h5py.File) -> dict | None:
@@ -290,6 +594,8 @@ class Ensemble:
     data: dict
     cost: dict | None = None
     ens_name: str | None = None
+    integrity: dict | None = None  # the report of :func:`verify` (None: not from a file)
+    digest: str | None = None      # :func:`content_digest` of the measured rows
 
     def __getattr__(self, name):
         data = self.__dict__.get("data")
@@ -309,8 +615,8 @@ class Ensemble:
         return int(self.attrs["L"])
 
 
-def load_ensemble(path) -> Ensemble:
-    """Read the measured rows of an ensemble file.
+def load_ensemble(path, check: bool = True) -> Ensemble:
+    """Read the measured rows of an ensemble file, verified against its checksums.
 
     Every record of :data:`hpcflow.observables.OBSERVABLES` is read; an optional one the
     file lacks (``/observables/Mz`` of older files) is None, and so is an Mz with
@@ -321,23 +627,40 @@ def load_ensemble(path) -> Ensemble:
     ----------
     path : str or path-like
         An ensemble file (``hmc.h5``, ``fhmc.h5``, ``coarse.h5`` ...).
+    check : bool
+        Raise when a measured row or the checkpoint fails its checksum (else the report is
+        only returned, in ``integrity``).  Files written before checksums existed load,
+        with ``integrity["status"] == "unverified"``.
 
     Returns
     -------
     Ensemble
+        With ``integrity`` (:func:`verify`'s report) and ``digest`` (sha256 of the counter
+        and the measured rows as stored: what the analysis cache is keyed on).
+
+    Raises
+    ------
+    CorruptFileError
+        With ``check``: a checksum mismatch, one line per replica and dataset.
     """
     path = Path(path)
     with h5py.File(path, "r") as f:
         n = measured(f)
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-        data = {}
+        data, digest = {}, hashlib.sha256(f"{progress(f)}".encode())
         for o in OBSERVABLES:
             if o.dataset not in f and not o.required:
                 data[o.name] = None
                 continue
-            a = o.read(f[o.dataset][:, :n])
+            raw = f[o.dataset][:, :n]
+            digest.update(o.dataset.encode() + np.ascontiguousarray(raw).tobytes())
+            a = o.read(raw)
             data[o.name] = None if not o.required and not np.isfinite(a).all() else a
-        return Ensemble(path, attrs, data, read_cost(f))
+        report = verify(f, path, configs=False)
+        if check and report["status"] == "corrupt":
+            raise CorruptFileError("\n".join(report["text"]))
+        return Ensemble(path, attrs, data, read_cost(f), integrity=report,
+                        digest=digest.hexdigest())
 
 
 def load_samples(path, expect_L: int, expect_beta: float, expect_lam: float):
@@ -364,6 +687,9 @@ def load_samples(path, expect_L: int, expect_beta: float, expect_lam: float):
         done, total = progress(f)
         if done < total:
             raise StageError(f"{path}: the coarse production is unfinished ({done}/{total} trajectories)")
+        report = verify(f, path, rows=False)
+        if report["status"] == "corrupt":
+            raise CorruptFileError("\n".join(report["text"]))
         have = (int(attrs["L"]), float(attrs["beta"]), float(attrs["lambda"]))
         if have != (expect_L, expect_beta, expect_lam):
             raise StageError(f"{path}: coarse ensemble has (L, beta, lambda) = {have}, "

@@ -30,14 +30,18 @@ Quality measures, per iteration on the training batch and at ``eval_every`` iter
 The flow file (``torch.save``) holds everything needed to rebuild and judge the flow:
 the architecture spec, the weights, the theory, prior and training settings, the training
 history, and while training is unfinished the optimizer state for resumption.  It is
-replaced atomically at every checkpoint.
+replaced atomically at every checkpoint (written beside it as ``flow.pt.tmp``, then
+renamed onto it), and carries a ``checksum`` (:func:`payload_digest`) that every read
+verifies; files without one (written before it existed) are read unverified.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -49,7 +53,7 @@ from .errors import StageError
 from .flows import FAMILY, Flow, FlowFamilyError
 from .log import logger
 from .rng import generator, purpose_key, replica_block
-from .store import fingerprint
+from .store import fingerprint, kill_point
 from .stages import HISTORY_FILE
 
 FORMAT = "hpcflow-flow-2"
@@ -357,17 +361,49 @@ def flow_fingerprint(cfg) -> str:
                                    if cfg.flow.prior.startswith("coarse") else None)})
 
 
+def payload_digest(payload: dict) -> str:
+    """sha256 over a flow file's payload, its ``checksum`` key left out: every tensor by
+    dtype, shape and bytes, dicts in key order, other values by type and repr."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, np.ndarray):
+            h.update(f"A{x.dtype}{x.shape}".encode() + np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, dict):
+            keys = sorted((k for k in x if x is not payload or k != "checksum"), key=repr)
+            h.update(f"D{len(keys)}".encode())
+            for k in keys:
+                h.update(repr(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(payload)
+    return h.hexdigest()
+
+
 def save_flow(path: Path, payload: dict):
-    """Atomic write: a reader sees the old file or the new one, never a torn one."""
+    """Atomic write: a reader sees the old file or the new one, never a torn one.  The
+    file carries ``checksum`` = :func:`payload_digest` of the payload."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    torch.save({**payload, "checksum": payload_digest(payload)}, tmp)
+    kill_point("flow-tmp")
     os.replace(tmp, path)
+    kill_point("flow-saved")
 
 
 def read_flow_file(path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise StageError(f"{path}: cannot read flow file ({e})") from None
     if not isinstance(payload, dict) or "format" not in payload:
         raise StageError(f"{path}: not an hpcflow flow file")
@@ -380,6 +416,9 @@ def read_flow_file(path) -> dict:
     if payload["format"] != FORMAT:
         raise StageError(f"{path}: unknown flow file format {payload['format']!r} (this version "
                          f"reads {FORMAT!r})")
+    if "checksum" in payload and payload["checksum"] != payload_digest(payload):
+        raise StageError(f"{path}: checksum mismatch: the flow file is corrupt (rerun the train "
+                         f"stage with --force)")
     return payload
 
 
