@@ -24,6 +24,7 @@ This module uses MPI only through the ``world`` it is given (:mod:`hpcflow.paral
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,8 +50,19 @@ class ChainSpec:
     action: object
     purpose: str
     to_physical: Callable[[torch.Tensor], torch.Tensor] = lambda phi: phi
-    attrs: dict = field(default_factory=dict)  # extra file attributes, part of the fingerprint
+    attrs: dict = field(default_factory=dict)  # extra file attributes
     initial_from: str | None = None  # continue the chains of this ensemble file's checkpoint
+    # (cfg, file attrs) -> {"[section] key": value} that determines the result; default the
+    # stage's declared keys (hpcflow.stages.identity)
+    identity: Callable[[object, dict], dict] | None = None
+
+    def identity_of(self, cfg, attrs: dict) -> dict:
+        """The result identity of this production for the input ``cfg``."""
+        if self.identity is not None:
+            return self.identity(cfg, attrs)
+        from .stages import identity
+
+        return identity(cfg, self.stage)
 
 
 def _fmt_time(s: float) -> str:
@@ -159,8 +171,9 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
         raise StageError(f"{cfg.path}: [{spec.stage}] replicas: {R} replicas cannot be spread "
                          f"over {world.size} MPI ranks (each rank needs at least one)")
     attrs = store.common_attrs(cfg, spec.stage, spec.algorithm, section) | spec.attrs
-    fp = store.fingerprint({k: v for k, v in attrs.items() if k not in ("input", "input_path")})
-    attrs["fingerprint"] = fp
+    ident = json.loads(json.dumps(spec.identity_of(cfg, attrs)))
+    attrs["identity"] = json.dumps(ident, sort_keys=True)
+    attrs["fingerprint"] = fp = store.fingerprint(ident)
 
     io = store.resolve_io(cfg.run.io)
     block = world.block(R)
@@ -168,14 +181,21 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
     streams = ReplicaStreams(cfg.run.seed, block, spec.purpose)
 
     existing = None if force else store.inspect(path, world.comm)
-    if existing is not None and existing.get("fingerprint") != fp:
-        why = existing.get("unreadable", "it was made by a different input")
-        raise StageError(f"{path} exists and {why}; rerun with --force to replace it")
-    if existing is not None and existing["done"] >= existing["total"]:
-        logger.info(f"[{spec.stage}] {path} is complete: skipped (use --force to recompute)")
-        return None
-
+    if existing is not None and "unreadable" in existing:
+        raise StageError(f"{path} exists and {existing['unreadable']}; rerun with --force to replace it")
     layout = store.layout(L, R, N, saved)
+    if existing is not None:
+        _check_identity(path, cfg, spec, existing, ident)
+        if existing["done"] >= total:
+            logger.info(f"[{spec.stage}] {path} is complete: skipped (use --force to recompute)")
+            return None
+        if existing["total"] < total:  # more trajectories asked: the same chains, continued
+            if world.is_root:
+                store.extend(path, layout, {"trajectories": N})
+                logger.info(f"[{spec.stage}] {path}: extended from {existing['total']} to "
+                            f"{total} trajectories per replica")
+            world.idle_barrier()
+
     cost_before = {"seconds": 0.0, "rank_seconds": 0.0, "segments": 0}
     if existing is not None and existing["done"] > 0:
         writer.reopen()
@@ -208,6 +228,29 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
                       Progress(world, spec.stage, total, done, R, cfg.run.progress_every),
                       _Buffers(), max(done - n_therm, 0),
                       _trajectory(cfg, world, section, spec, phi))
+
+
+def _check_identity(path, cfg, spec, existing, ident):
+    """Refuse an existing file whose result identity differs from ``ident``, naming every
+    differing key.  A file without a stored identity (hpcflow <= 0.2.0, whose fingerprint
+    hashed the version in) is judged by the identity of the input text stored in it."""
+    from . import config as config_mod
+    from .stages import identity_diff
+
+    attrs = existing["attrs"]
+    if "identity" in attrs:
+        old = json.loads(attrs["identity"])
+    else:
+        try:
+            old_cfg = config_mod.parse(str(attrs.get("input", "")), f"{path} (its stored input)")
+        except config_mod.ConfigError as err:
+            raise StageError(f"{path} exists and its stored input cannot be compared with "
+                             f"{cfg.path} ({err}); rerun with --force to replace it") from None
+        old = json.loads(json.dumps(spec.identity_of(old_cfg, attrs)))
+    diff = identity_diff(old, ident)
+    if diff:
+        raise StageError(f"{path} exists and was made from a different input: {'; '.join(diff)} "
+                         f"({cfg.path}); rerun with --force to replace it")
 
 
 def _trajectory(cfg, world, section, spec, phi):

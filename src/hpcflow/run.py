@@ -55,10 +55,12 @@ def stage_train(cfg, world, force):
     from .priors import make_prior
     from .train import train
 
-    try:
-        prior = make_prior(cfg)
-    except ValueError as err:
-        raise StageError(f"{cfg.path}: [flow] prior: {err}") from None
+    def prior():  # made only when there is training to do
+        try:
+            return make_prior(cfg)
+        except ValueError as err:
+            raise StageError(f"{cfg.path}: [flow] prior: {err}") from None
+
     target = Phi4Action(cfg.theory.beta, cfg.theory.lam)
     train(cfg, world, prior, target, STAGE_TABLE["train"].path(cfg), force=force)
 
@@ -79,8 +81,15 @@ def stage_fhmc(cfg, world, force):
              "flow_fingerprint": payload["fingerprint"],
              "flow_acceptance": float(payload.get("acceptance") or float("nan"))}
     spec = ChainSpec(stage="fhmc", algorithm="fhmc", action=action, purpose="fhmc",
-                     to_physical=action.to_physical, attrs=attrs)
+                     to_physical=action.to_physical, attrs=attrs, identity=_fhmc_identity)
     produce(cfg, world, cfg.fhmc, spec, STAGE_TABLE["fhmc"].path(cfg), force=force)
+
+
+def _fhmc_identity(cfg, attrs):
+    """The fhmc result: its declared keys and the trained flow (its fingerprint)."""
+    from .stages import identity
+
+    return identity(cfg, "fhmc") | {"[flow] trained flow (fingerprint)": attrs.get("flow_fingerprint")}
 
 
 def stage_analysis(cfg, world, force):
