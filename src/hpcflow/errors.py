@@ -4,7 +4,8 @@
   before anything is written);
 - :class:`StageError`: a stage cannot run as asked, e.g. an existing result made from
   another input, a missing or unfinished prerequisite (exit 2);
-- :class:`FlowFamilyError`: a flow description of another flow family than this version's.
+- :class:`FlowFamilyError`: a flow description of another flow family than this version's;
+- :class:`Stopped`: a run stopped by a signal after a checkpoint (exit 3, resumable).
 
 They are also importable from where they were first defined (``hpcflow.config``,
 ``hpcflow.store``, ``hpcflow.flows``).
@@ -42,3 +43,12 @@ class StageError(RuntimeError):
 
 class FlowFamilyError(ValueError):
     """A flow description (spec) from another flow family than this version's."""
+
+
+class Stopped(Exception):
+    """A run stopped by a signal (SIGTERM, SIGINT, SIGUSR1) after writing a checkpoint on
+    every rank; a rerun resumes it (:mod:`hpcflow.signals`, exit status 3)."""
+
+    def __init__(self, signum: int, message: str):
+        self.signum = signum
+        super().__init__(message)

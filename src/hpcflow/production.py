@@ -34,11 +34,13 @@ import numpy as np
 import torch
 
 from . import store
-from .errors import StageError
+from .errors import StageError, Stopped
 from .hmc import INTEGRATORS, HMCState, hmc_step, init_state
 from .log import logger
 from .observables import OBSERVABLES, measure_all
 from .rng import ReplicaStreams
+from .signals import StopPoll
+from .signals import name as signal_name
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,23 @@ def _fmt_time(s: float) -> str:
 
 
 class Progress:
-    """Rank 0's progress lines: trajectories, acceptance, <dH>, <exp(-dH)>, rate, ETA."""
+    """Rank 0's progress lines: trajectories, acceptance, <dH> (of the finite dH),
+    <exp(-dH)> (an overflowed trajectory counting 0), the overflowed trajectories when there
+    are any, rate, ETA, and a warning when the acceptance is below 0.5."""
 
     def __init__(self, world, tag, total, start, replicas, every):
         self.world, self.tag, self.total, self.replicas, self.every = world, tag, total, replicas, every
         self.t0 = self.t_last = time.perf_counter()
         self.start = start
-        self.sums = np.zeros(4)  # count, accepted, dH, exp(-dH)
+        self.sums = np.zeros(5)  # count, accepted, dH, exp(-dH) (finite dH), overflowed
 
     def add(self, info):
         dH = info.dH.detach()
+        finite = torch.isfinite(dH)
+        dH = torch.where(finite, dH, torch.zeros_like(dH))
         self.sums += [dH.numel(), float(info.accepted.sum()), float(dH.sum()),
-                      float(torch.exp(-dH).sum())]
+                      float(torch.where(finite, torch.exp(-dH), torch.zeros_like(dH)).sum()),
+                      float((~finite).sum())]
 
     def report(self, done: int, thermalization: int, final=False):
         sums = self.world.comm.allreduce(self.sums)
@@ -93,11 +100,14 @@ class Progress:
         rate = (done - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         phase = " (thermalizing)" if done <= thermalization and thermalization else ""
+        n_finite = max(sums[0] - sums[4], 1)
+        overflow = f" | {int(sums[4])} overflowed (dH not finite)" if sums[4] else ""
+        low = (" | WARNING: acceptance below 0.5: raise the MD steps" if sums[1] / n < 0.5 else "")
         logger.info(
             f"[{self.tag}] {done}/{self.total} trajectories{phase} | acc {sums[1] / n:.3f} | "
-            f"<dH> {sums[2] / n:+.2e} | <exp(-dH)> {sums[3] / n:.3f} | "
+            f"<dH> {sums[2] / n_finite:+.2e} | <exp(-dH)> {sums[3] / n:.3f}{overflow} | "
             f"{rate:.1f} traj/s x {self.replicas} replicas | "
-            f"{'done in ' + _fmt_time(now - self.t0) if final else 'ETA ' + _fmt_time(eta)}")
+            f"{'done in ' + _fmt_time(now - self.t0) if final else 'ETA ' + _fmt_time(eta)}{low}")
         self.sums[:] = 0
         self.t_last = now
 
@@ -330,15 +340,29 @@ def produce(cfg, world, section, spec: ChainSpec, path, force: bool = False) -> 
         The ensemble file.
     force : bool
         Replace an existing file instead of resuming, skipping or refusing.
+
+    Raises
+    ------
+    hpcflow.errors.Stopped
+        A stop signal reached a rank (:mod:`hpcflow.signals`): every rank wrote the
+        checkpoint of the same trajectory and closed the file.
     """
     p = open_production(cfg, world, section, spec, path, force)
     if p is None:
         return "skipped"
+    poll = StopPoll(world.comm)
     try:
         while p.done < p.total:
             advance(p)
-            if due(p):
+            stop = poll()
+            if due(p) or stop:
                 checkpoint(p)
+            if stop:
+                close_production(p)
+                raise Stopped(stop, f"[{spec.stage}] stopped by {signal_name(stop)} at trajectory "
+                                    f"{p.done}/{p.total}, checkpoint written to {path}")
+    except Stopped:
+        raise
     except Exception:
         raise  # no collective clean-up here: the driver aborts every rank
     except BaseException:

@@ -255,10 +255,22 @@ def extend(path, datasets: dict[str, tuple], attrs: dict) -> list[str]:
     work is done on a copy that replaces the file, so a kill leaves the old file or the new
     one.  Returns the names of the grown datasets."""
     import os
-    import shutil
 
     path = Path(path)
     tmp = path.with_name(path.name + ".extend.tmp")
+    try:
+        grown = _extend_copy(path, tmp, datasets, attrs)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-made copy left behind (a full disk ...)
+        raise
+    os.replace(tmp, path)
+    return grown
+
+
+def _extend_copy(path, tmp, datasets, attrs):
+    import os
+    import shutil
+
     shutil.copyfile(path, tmp)
     grown = []
     with h5py.File(tmp, "r+") as f:
@@ -279,7 +291,6 @@ def extend(path, datasets: dict[str, tuple], attrs: dict) -> list[str]:
             f.attrs[k] = v
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return grown
 
 

@@ -45,10 +45,12 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import StageError
+from .errors import StageError, Stopped
 from .flows import FAMILY, Flow, FlowFamilyError
 from .log import logger
 from .rng import generator, purpose_key, replica_block
+from .signals import StopPoll
+from .signals import name as signal_name
 from .store import fingerprint
 from .stages import HISTORY_FILE, identity, identity_diff
 
@@ -424,9 +426,14 @@ def expected_spec(cfg) -> dict:
 
 
 def build_flow(cfg, device) -> Flow:
+    """The untrained flow of ``cfg``; its initial weights (those of hidden layers are
+    random) come from the run seed alone, whatever torch's global generator holds."""
     f = cfg.flow
-    flow = Flow(cfg.theory.L, kernel_size=f.kernel_size, layers=f.layers, hidden=tuple(f.hidden),
-                block=f.block)
+    seed = int(generator(cfg.run.seed, purpose_key("flow-init")).integers(2**63))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        flow = Flow(cfg.theory.L, kernel_size=f.kernel_size, layers=f.layers,
+                    hidden=tuple(f.hidden), block=f.block)
     return flow.to(device=device, dtype=torch.float64)
 
 
@@ -529,6 +536,11 @@ def train(cfg, world, prior, target, path: Path, force: bool = False, log=None) 
         start = payload["iteration"]
         if world.is_root:
             log(f"[train] resuming {path} at iteration {start}/{t.iterations}")
+            before = (timing.get("segments") or [{}])[-1].get("ranks")
+            if before is not None and before != world.size:
+                logger.warning(f"[train] WARNING: resumed on {world.size} rank(s), but the checkpoint "
+                               f"was written on {before}: every rank draws its own minibatch, so "
+                               f"the result differs from a training on {before} rank(s) throughout")
     else:
         _broadcast_weights(world, flow)
 
@@ -581,7 +593,13 @@ def train(cfg, world, prior, target, path: Path, force: bool = False, log=None) 
         if world.is_root:
             log(f"[train] 0/{t.iterations} | Metropolis acc {m['acceptance']:.3f} ESS {m['ess']:.3f}")
     t_last, rng = 0.0, None
+    poll = StopPoll(world.comm)
     for it in range(start, t.iterations):
+        stop = poll()
+        if stop:  # the last checkpoint stands: the streams restart only at checkpoints
+            last = it - it % t.checkpoint_every
+            raise Stopped(stop, f"[train] stopped by {signal_name(stop)} at iteration {it}/"
+                                f"{t.iterations}; a rerun resumes {path} from iteration {last}")
         if rng is None or it % t.checkpoint_every == 0:
             # streams restart at checkpoints, so a resumed training draws what it would have
             rng = generator(cfg.run.seed, purpose_key("train"), world.rank, it)
