@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -372,3 +373,75 @@ def test_an_error_after_mpi_starts_removes_the_empty_output_it_created(tmp_path,
     (tmp_path / "out").mkdir()  # not created by the run: stays
     assert run.main([str(path)]) == 2
     assert (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Item 8 under mpirun: one rank signalled, one rank failing
+
+
+MPIRUN = ["mpirun", "--oversubscribe", "-n", "2"]
+
+
+def children_ranks(mpirun_pid):
+    """{rank: pid} of the processes mpirun started (from /proc)."""
+    ranks = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            env = Path(f"/proc/{d}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ppid != mpirun_pid:
+            continue
+        for kv in env:
+            if kv.startswith(b"OMPI_COMM_WORLD_RANK="):
+                ranks[int(kv.split(b"=")[1])] = int(d)
+    return ranks
+
+
+def test_sigint_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
+    """Before: both ranks spun at 100% CPU forever."""
+    kw = dict(L=6, replicas=4, trajectories=4000, thermalization=10, checkpoint_every=1000,
+              save_every=0)
+    ini = write_input(tmp_path, **kw)
+    p = subprocess.Popen([*MPIRUN, sys.executable, "-m", "mpi4py", "-m", "hpcflow.run", str(ini)],
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "out" / "hmc.h5").exists() and len(children_ranks(p.pid)) == 2,
+                 what="both ranks running")
+        time.sleep(1.0)
+        os.kill(children_ranks(p.pid)[1], signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 3, out + err
+    assert err.count("stopped by SIGINT at trajectory") == 1  # reported once, by rank 0
+    rerun = subprocess.run([*MPIRUN, sys.executable, "-m", "mpi4py", "-m", "hpcflow.run", str(ini)],
+                           env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    (tmp_path / "ref").mkdir()
+    assert run.main([str(write_input(tmp_path / "ref", **kw))]) == 0
+    a, b = read(tmp_path / "out" / "hmc.h5"), read(tmp_path / "ref" / "out" / "hmc.h5")
+    for name in b:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_an_exception_on_one_rank_aborts_all_with_its_message(tmp_path):
+    ini = write_input(tmp_path, L=6, replicas=4, trajectories=4000, checkpoint_every=100)
+    code = ("import sys; from mpi4py import MPI; from hpcflow import production, run\n"
+            "real = production.advance\n"
+            "def advance(p):\n"
+            "    real(p)\n"
+            "    if MPI.COMM_WORLD.Get_rank() == 1 and p.done == 150:\n"
+            "        raise RuntimeError('injected fault on rank 1')\n"
+            "production.advance = advance\n"
+            "sys.exit(run.main(sys.argv[1:]))\n")
+    p = subprocess.run([*MPIRUN, sys.executable, "-m", "mpi4py", "-c", code, str(ini)], env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "RuntimeError: injected fault on rank 1" in p.stderr
