@@ -172,3 +172,19 @@ def slurm():
         s.run("scancel", *s.jobs, check=False)
     if not was_running:
         subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True)
+
+
+def chain_datasets(path) -> dict:
+    """Every dataset of an ensemble file that the chains determine: all but ``/cost`` (wall
+    time), with the two checkpoint slots replaced by the committed checkpoint (which slot
+    holds it depends on how many segments wrote the file)."""
+    import h5py
+
+    from hpcflow.store import read_checkpoint
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset)
+                     and not n.startswith(("cost/", "checkpoint/slot_")) else None)
+        out["checkpoint/committed_phi"], out["checkpoint/committed_rng"] = read_checkpoint(f)
+    return out

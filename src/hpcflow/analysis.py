@@ -390,6 +390,8 @@ def _derive(e, p, L, V, S, plateau_min):
         "integrity": (None if e.integrity is None else
                       {"status": e.integrity["status"], "unverified": e.integrity["unverified"]}),
         "acceptance": float(accepted.mean()) if accepted is not None else None,
+        "overflows": (int((~np.isfinite(e.data["dH"])).sum()) if e.data.get("dH") is not None
+                      else None),
         "observables": {
             "M": entry(p["M"]), "absM": entry(p["absM"]), "M2": entry(p["M2"]),
             "chi": entry(chi), "xi": entry(xi, tau=False),
@@ -462,7 +464,9 @@ def table(results: list[dict]) -> str:
                    if j.get("complete") is False else "")
         lines.append(f"{j['file']}: {j['algorithm']}, L={j['L']} beta={j['beta']} "
                      f"lambda={j['lambda']}, {j['replicas']} replicas x {j['measurements']} "
-                     f"measurements{partial}, acceptance {j['acceptance']:.3f}")
+                     f"measurements{partial}, acceptance {j['acceptance']:.3f}"
+                     + (f", {j['overflows']} overflowed trajectories (dH not finite)"
+                        if j.get("overflows") else ""))
         integrity = j.get("integrity") or {}
         if integrity.get("status") == "unverified":
             lines.append(f"  unverified: {'; '.join(integrity['unverified'])}")
@@ -622,6 +626,26 @@ def check(target) -> tuple[list[dict], list[str]]:
     return reports, lines
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text!r})")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (got {text!r})")
+    return v
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=log_mod.program_name("hpcflow.analysis", "hpcflow-analysis"), description=__doc__.split("\n")[0])
     ap.add_argument("target", help="a run directory or an ensemble .h5 file")
@@ -629,8 +653,10 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="only verify the file(s) against their checksums (every *.h5 of a "
                          "directory): exit 0 ok or unverified, 2 corrupt")
-    ap.add_argument("--S", type=float, default=2.0, help="Gamma-method window parameter (default 2)")
-    ap.add_argument("--plateau-min", type=int, default=0, help="first t of the m_eff plateau (0 = L/4)")
+    ap.add_argument("--S", type=_positive_float, default=2.0,
+                    help="Gamma-method window parameter, a finite number > 0 (default 2)")
+    ap.add_argument("--plateau-min", type=_non_negative_int, default=0,
+                    help="first t of the m_eff plateau, >= 0 (0 = L/4)")
     log_mod.add_arguments(ap)
     args = ap.parse_args(argv)
     log_mod.configure(0, args.quiet, args.verbose, stream="stderr")

@@ -18,9 +18,10 @@ Steps, all through the ordinary production loop (so resumable, spread over ranks
    attributes record the spacing and tau_int(M) measured on the production itself.
 
 The coarse file has the ensemble layout of :mod:`hpcflow.store` (algorithm hmc at L', beta').
-Its fingerprint depends on the coarse settings and seed only, not on the run name or the
-target, so inputs that name the same ``[coarse] file`` share it: a later run with the same
-settings reuses it, one with other settings is refused unless ``--force``.
+Its identity is the coarse settings, seed and lambda only (``COARSE_KEYS`` of
+:mod:`hpcflow.stages`), not the run name or the target, so inputs that name the same
+``[coarse] file`` share it: a later run with the same settings reuses it, one with other
+settings is refused unless ``--force``.
 
 Of the stored configurations, ordered by trajectory then replica, the first ``samples``
 are the training pool and the next ``eval_samples`` are held out: the flow acceptance is
@@ -41,7 +42,7 @@ from .analysis import to_obs
 from .config import HMCConfig, TheoryConfig
 from .log import logger
 from .production import ChainSpec, produce
-from .stages import coarse_path, pilot_path
+from .stages import PILOT_KEYS, coarse_path, identity, pilot_path
 from .store import load_ensemble, load_samples  # noqa: F401 (load_samples: was defined here)
 
 
@@ -63,6 +64,10 @@ def tau_int_M(path, S: float = 2.0) -> tuple[float, float]:
     return float(o.e_tauint[e.name]), float(o.e_dtauint[e.name])
 
 
+def _pilot_identity(cfg, attrs):
+    return identity(cfg, "coarse", PILOT_KEYS)
+
+
 def generate(cfg, world, force: bool = False) -> Path:
     """Run the coarse stage (pilot, spacing, production); returns the coarse file."""
     c = cfg.coarse
@@ -75,8 +80,8 @@ def generate(cfg, world, force: bool = False) -> Path:
     world.comm.Barrier()
 
     pilot_run = HMCConfig(trajectories=c.pilot, thermalization=c.thermalization, save_every=0, **common)
-    produce(ccfg, world, pilot_run, ChainSpec("coarse-pilot", "hmc", action, "coarse-pilot"),
-            pilot, force=force)
+    produce(ccfg, world, pilot_run, ChainSpec("coarse-pilot", "hmc", action, "coarse-pilot",
+                                              identity=_pilot_identity), pilot, force=force)
     tau = tau_int_M(pilot, cfg.analysis.S) if world.is_root else None
     world.idle_barrier()
     tau = world.comm.bcast(tau)

@@ -31,6 +31,7 @@ allowed.  ``python -m hpcflow.run`` turns it into exit status 2 before anything 
 
 from __future__ import annotations
 
+import ast
 import configparser
 import dataclasses
 import math
@@ -104,7 +105,8 @@ class RunConfig:
     """[run]: what to run and where to put it."""
 
     name: str = _key(check=name_like, doc="run name; also the pyerrors ensemble name")
-    output: str = _key(doc="output directory (relative paths are relative to the working directory)")
+    output: str = _key(check=lambda v: None if v.strip() else "must name a directory (it is empty)",
+                       doc="output directory (relative paths are relative to the working directory)")
     seed: int = _key(check=non_negative, doc="run seed; replica i's stream is spawned from (seed, i)")
     stages: tuple = _key(("hmc", "analysis"), check=stage_list,
                          doc="comma list of stages, run in order: " + ", ".join(STAGES))
@@ -371,14 +373,27 @@ def parse(text: str, path: str | Path = "<string>") -> Config:
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"),
                                        delimiters=("=",), strict=True)
     parser.optionxform = str  # keys are case sensitive: L is not l
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark, as some editors write
     try:
         parser.read_string(text, source=str(path))
     except configparser.DuplicateSectionError as e:
-        raise ConfigError(path, e.section, None, "section appears twice") from None
+        raise ConfigError(path, e.section, None, f"section appears twice (again on line {e.lineno})") from None
     except configparser.DuplicateOptionError as e:
-        raise ConfigError(path, e.section, e.option, "key appears twice") from None
+        raise ConfigError(path, e.section, e.option, f"key appears twice (again on line {e.lineno})") from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(path, None, None, f"line {e.lineno}: not a valid INI file: a key before "
+                          f"the first [section]: {e.line.strip()!r}") from None
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0]
+        try:  # configparser keeps the repr of the line
+            line = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            pass
+        raise ConfigError(path, None, None, f"line {lineno}: not a valid INI line: "
+                          f"{line.strip()!r} (expected [section] or key = value)") from None
     except configparser.Error as e:
-        raise ConfigError(path, None, None, f"not a valid INI file: {e.message.splitlines()[0]}") from None
+        where = f"line {e.lineno}: " if getattr(e, "lineno", None) else ""
+        raise ConfigError(path, None, None, f"{where}not a valid INI file: {e.message.splitlines()[0]}") from None
     for section in parser.sections():
         if section not in SECTIONS:
             raise ConfigError(path, section, None,
@@ -408,7 +423,7 @@ def parse(text: str, path: str | Path = "<string>") -> Config:
 def load(path: str | Path) -> Config:
     """Read and parse an input file; raise ConfigError (naming the file) on any problem."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise ConfigError(path, None, None, f"cannot read input file: {reason}") from None

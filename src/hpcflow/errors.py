@@ -4,7 +4,9 @@
   before anything is written);
 - :class:`StageError`: a stage cannot run as asked, e.g. an existing result made from
   another input, a missing or unfinished prerequisite (exit 2);
-- :class:`FlowFamilyError`: a flow description of another flow family than this version's.
+- :class:`FlowFamilyError`: a flow description of another flow family than this version's;
+- :class:`CorruptFileError`: a file fails its checksums (a :class:`StageError`, exit 2);
+- :class:`Stopped`: a run stopped by a signal after a checkpoint (exit 3, resumable).
 
 They are also importable from where they were first defined (``hpcflow.config``,
 ``hpcflow.store``, ``hpcflow.flows``).
@@ -47,3 +49,12 @@ class FlowFamilyError(ValueError):
 class CorruptFileError(StageError, ValueError):
     """A file fails its checksums; the message names the file, and replica and dataset
     (one line each) (exit 2)."""
+
+
+class Stopped(Exception):
+    """A run stopped by a signal (SIGTERM, SIGINT, SIGUSR1) after writing a checkpoint on
+    every rank; a rerun resumes it (:mod:`hpcflow.signals`, exit status 3)."""
+
+    def __init__(self, signum: int, message: str):
+        self.signum = signum
+        super().__init__(message)

@@ -27,7 +27,7 @@ M         observables/M      []          phi          M, absM = abs(M), M2 = M^2
 Mz        observables/Mz     []          z            Mz, Mz2 (c_M); optional
 C         observables/C      [L/2+1]     phi          C0 .. C{L/2} (m_eff, xi)
 Gp        observables/Gp     []          phi          Gp (xi2)
-dH        mc/dH              []          trajectory   exp_mdH = exp(-dH)
+dH        mc/dH              []          trajectory   exp_mdH = exp(-dH); +-inf: overflowed
 accepted  mc/accepted (i1)   []          trajectory   acceptance (plain mean)
 ========  =================  ==========  ===========  =====================================
 
@@ -72,6 +72,14 @@ def g_pmin(phi: torch.Tensor) -> torch.Tensor:
     V = phi.shape[-1] * phi.shape[-2]
     ft = torch.fft.fft(timeslices(phi), dim=-1)[..., 1]        # [B, 2], one transform per row
     return (ft.abs() ** 2).mean(1) / V
+
+
+def overflow_as_inf(dH: torch.Tensor) -> torch.Tensor:
+    """dH as stored: a NaN (an overflowed trajectory, inf - inf) becomes +inf, so that NaN
+    in ``mc/dH`` always means "not measured yet" and a non-finite dH "overflowed" (such a
+    trajectory is rejected: exp(-dH) = 0)."""
+    dH = dH.detach()
+    return torch.where(torch.isnan(dH), torch.full_like(dH, float("inf")), dH)
 
 
 def measure(phi: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -136,7 +144,7 @@ OBSERVABLES: tuple[Observable, ...] = (
                lambda x: {f"C{t}": x[..., t] for t in range(x.shape[-1])}),
     Observable("Gp", "observables/Gp", _scalar, "f8", np.nan, "phi", g_pmin,
                lambda x: {"Gp": x}),
-    Observable("dH", "mc/dH", _scalar, "f8", np.nan, "trajectory", lambda info: info.dH.detach(),
+    Observable("dH", "mc/dH", _scalar, "f8", np.nan, "trajectory", lambda info: overflow_as_inf(info.dH),
                lambda x: {"exp_mdH": np.exp(-x)}),
     Observable("accepted", "mc/accepted", _scalar, "i1", -1, "trajectory",
                lambda info: info.accepted.to(torch.int8), None, read=lambda a: a.astype(bool)),

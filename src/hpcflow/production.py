@@ -24,6 +24,7 @@ This module uses MPI only through the ``world`` it is given (:mod:`hpcflow.paral
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,11 +36,13 @@ import numpy as np
 import torch
 
 from . import store
-from .errors import CorruptFileError, StageError
+from .errors import CorruptFileError, StageError, Stopped
 from .hmc import INTEGRATORS, HMCState, hmc_step, init_state
 from .log import logger
 from .observables import OBSERVABLES, measure_all
 from .rng import ReplicaStreams
+from .signals import StopPoll
+from .signals import name as signal_name
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,19 @@ class ChainSpec:
     action: object
     purpose: str
     to_physical: Callable[[torch.Tensor], torch.Tensor] = lambda phi: phi
-    attrs: dict = field(default_factory=dict)  # extra file attributes, part of the fingerprint
+    attrs: dict = field(default_factory=dict)  # extra file attributes
     initial_from: str | None = None  # continue the chains of this ensemble file's checkpoint
+    # (cfg, file attrs) -> {"[section] key": value} that determines the result; default the
+    # stage's declared keys (hpcflow.stages.identity)
+    identity: Callable[[object, dict], dict] | None = None
+
+    def identity_of(self, cfg, attrs: dict) -> dict:
+        """The result identity of this production for the input ``cfg``."""
+        if self.identity is not None:
+            return self.identity(cfg, attrs)
+        from .stages import identity
+
+        return identity(cfg, self.stage)
 
 
 def _fmt_time(s: float) -> str:
@@ -61,18 +75,23 @@ def _fmt_time(s: float) -> str:
 
 
 class Progress:
-    """Rank 0's progress lines: trajectories, acceptance, <dH>, <exp(-dH)>, rate, ETA."""
+    """Rank 0's progress lines: trajectories, acceptance, <dH> (of the finite dH),
+    <exp(-dH)> (an overflowed trajectory counting 0), the overflowed trajectories when there
+    are any, rate, ETA, and a warning when the acceptance is below 0.5."""
 
     def __init__(self, world, tag, total, start, replicas, every):
         self.world, self.tag, self.total, self.replicas, self.every = world, tag, total, replicas, every
         self.t0 = self.t_last = time.perf_counter()
         self.start = start
-        self.sums = np.zeros(4)  # count, accepted, dH, exp(-dH)
+        self.sums = np.zeros(5)  # count, accepted, dH, exp(-dH) (finite dH), overflowed
 
     def add(self, info):
         dH = info.dH.detach()
+        finite = torch.isfinite(dH)
+        dH = torch.where(finite, dH, torch.zeros_like(dH))
         self.sums += [dH.numel(), float(info.accepted.sum()), float(dH.sum()),
-                      float(torch.exp(-dH).sum())]
+                      float(torch.where(finite, torch.exp(-dH), torch.zeros_like(dH)).sum()),
+                      float((~finite).sum())]
 
     def report(self, done: int, thermalization: int, final=False):
         sums = self.world.comm.allreduce(self.sums)
@@ -83,11 +102,14 @@ class Progress:
         rate = (done - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         phase = " (thermalizing)" if done <= thermalization and thermalization else ""
+        n_finite = max(sums[0] - sums[4], 1)
+        overflow = f" | {int(sums[4])} overflowed (dH not finite)" if sums[4] else ""
+        low = (" | WARNING: acceptance below 0.5: raise the MD steps" if sums[1] / n < 0.5 else "")
         logger.info(
             f"[{self.tag}] {done}/{self.total} trajectories{phase} | acc {sums[1] / n:.3f} | "
-            f"<dH> {sums[2] / n:+.2e} | <exp(-dH)> {sums[3] / n:.3f} | "
+            f"<dH> {sums[2] / n_finite:+.2e} | <exp(-dH)> {sums[3] / n:.3f}{overflow} | "
             f"{rate:.1f} traj/s x {self.replicas} replicas | "
-            f"{'done in ' + _fmt_time(now - self.t0) if final else 'ETA ' + _fmt_time(eta)}")
+            f"{'done in ' + _fmt_time(now - self.t0) if final else 'ETA ' + _fmt_time(eta)}{low}")
         self.sums[:] = 0
         self.t_last = now
 
@@ -162,8 +184,9 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
         raise StageError(f"{cfg.path}: [{spec.stage}] replicas: {R} replicas cannot be spread "
                          f"over {world.size} MPI ranks (each rank needs at least one)")
     attrs = store.common_attrs(cfg, spec.stage, spec.algorithm, section) | spec.attrs
-    fp = store.fingerprint({k: v for k, v in attrs.items() if k not in ("input", "input_path")})
-    attrs["fingerprint"] = fp
+    ident = json.loads(json.dumps(spec.identity_of(cfg, attrs)))
+    attrs["identity"] = json.dumps(ident, sort_keys=True)
+    attrs["fingerprint"] = fp = store.fingerprint(ident)
 
     io = store.resolve_io(cfg.run.io)
     block = world.block(R)
@@ -171,9 +194,8 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
     streams = ReplicaStreams(cfg.run.seed, block, spec.purpose)
 
     existing = None if force else store.inspect(path, world.comm)
-    if existing is not None and existing.get("fingerprint") != fp:
-        why = existing.get("unreadable", "it was made by a different input")
-        raise StageError(f"{path} exists and {why}; rerun with --force to replace it")
+    if existing is not None and "unreadable" in existing:
+        raise StageError(f"{path} exists and {existing['unreadable']}; rerun with --force to replace it")
     new_path = Path(path).with_name(Path(path).name + store.NEW_SUFFIX)
     if existing is not None:
         _check_integrity(existing["report"], spec.stage, path)
@@ -181,11 +203,19 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
             logger.info(f"[{spec.stage}] removing {new_path}: an unfinished new start "
                         f"(no checkpoint), superseded by {path}")
             new_path.unlink()
-    if existing is not None and existing["done"] >= existing["total"]:
-        logger.info(f"[{spec.stage}] {path} is complete: skipped (use --force to recompute)")
-        return None
-
     layout = store.layout(L, R, N, saved)
+    if existing is not None:
+        _check_identity(path, cfg, spec, existing, ident)
+        if existing["done"] >= total:
+            logger.info(f"[{spec.stage}] {path} is complete: skipped (use --force to recompute)")
+            return None
+        if existing["total"] < total:  # more trajectories asked: the same chains, continued
+            if world.is_root:
+                store.extend(path, layout, {"trajectories": N})
+                logger.info(f"[{spec.stage}] {path}: extended from {existing['total']} to "
+                            f"{total} trajectories per replica")
+            world.idle_barrier()
+
     cost_before = {"seconds": 0.0, "rank_seconds": 0.0, "segments": 0}
     rename_to = None
     if existing is not None and existing["done"] > 0:
@@ -241,6 +271,29 @@ def _check_integrity(report, stage, path):
                                "rerun with --force to recompute it")
     if report["status"] == "unverified":
         logger.warning(f"[{stage}] {path}: unverified ({'; '.join(report['unverified'])})")
+
+
+def _check_identity(path, cfg, spec, existing, ident):
+    """Refuse an existing file whose result identity differs from ``ident``, naming every
+    differing key.  A file without a stored identity (hpcflow <= 0.2.0, whose fingerprint
+    hashed the version in) is judged by the identity of the input text stored in it."""
+    from . import config as config_mod
+    from .stages import identity_diff
+
+    attrs = existing["attrs"]
+    if "identity" in attrs:
+        old = json.loads(attrs["identity"])
+    else:
+        try:
+            old_cfg = config_mod.parse(str(attrs.get("input", "")), f"{path} (its stored input)")
+        except config_mod.ConfigError as err:
+            raise StageError(f"{path} exists and its stored input cannot be compared with "
+                             f"{cfg.path} ({err}); rerun with --force to replace it") from None
+        old = json.loads(json.dumps(spec.identity_of(old_cfg, attrs)))
+    diff = identity_diff(old, ident)
+    if diff:
+        raise StageError(f"{path} exists and was made from a different input: {'; '.join(diff)} "
+                         f"({cfg.path}); rerun with --force to replace it")
 
 
 def _trajectory(cfg, world, section, spec, phi):
@@ -326,15 +379,29 @@ def produce(cfg, world, section, spec: ChainSpec, path, force: bool = False) -> 
         The ensemble file.
     force : bool
         Replace an existing file instead of resuming, skipping or refusing.
+
+    Raises
+    ------
+    hpcflow.errors.Stopped
+        A stop signal reached a rank (:mod:`hpcflow.signals`): every rank wrote the
+        checkpoint of the same trajectory and closed the file.
     """
     p = open_production(cfg, world, section, spec, path, force)
     if p is None:
         return "skipped"
+    poll = StopPoll(world.comm)
     try:
         while p.done < p.total:
             advance(p)
-            if due(p):
+            stop = poll()
+            if due(p) or stop:
                 checkpoint(p)
+            if stop:
+                close_production(p)
+                raise Stopped(stop, f"[{spec.stage}] stopped by {signal_name(stop)} at trajectory "
+                                    f"{p.done}/{p.total}, checkpoint written to {path}")
+    except Stopped:
+        raise
     except Exception:
         raise  # no collective clean-up here: the driver aborts every rank
     except BaseException:

@@ -17,19 +17,29 @@ A stage whose output is complete is skipped, an interrupted one resumes from its
 checkpoint, and ``--force`` recomputes.  An existing result made from a different input is
 never replaced without ``--force``.
 
-Exit status: 0 success, 2 bad input (nothing written), 1 any other failure.
+Exit status: 0 success; 2 bad input or a stage that cannot run as asked (nothing written;
+the message names file, section and key); 3 stopped by a signal (SIGTERM, SIGINT, SIGUSR1 on
+any rank: every rank wrote a checkpoint; rerun to resume, :mod:`hpcflow.signals`); 1 any
+other failure (under MPI, one rank's exception aborts every rank with its message).
+
+One run per output: the run holds a lock on ``[run] output`` (:mod:`hpcflow.locks`); a
+second run on it exits 2 naming the holder.  An error found after MPI started removes the
+output directory when this run created it and it holds nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
 from . import config as config_mod
+from . import locks, preflight, signals
 from . import log as log_mod
-from .errors import ConfigError, StageError
+from .errors import ConfigError, StageError, Stopped
 from .log import logger
 from .stages import STAGES as STAGE_TABLE
 from .stages import flow_path  # noqa: F401 (also importable from here, as before)
@@ -55,10 +65,12 @@ def stage_train(cfg, world, force):
     from .priors import make_prior
     from .train import train
 
-    try:
-        prior = make_prior(cfg)
-    except ValueError as err:
-        raise StageError(f"{cfg.path}: [flow] prior: {err}") from None
+    def prior():  # made only when there is training to do
+        try:
+            return make_prior(cfg)
+        except ValueError as err:
+            raise StageError(f"{cfg.path}: [flow] prior: {err}") from None
+
     target = Phi4Action(cfg.theory.beta, cfg.theory.lam)
     train(cfg, world, prior, target, STAGE_TABLE["train"].path(cfg), force=force)
 
@@ -79,8 +91,15 @@ def stage_fhmc(cfg, world, force):
              "flow_fingerprint": payload["fingerprint"],
              "flow_acceptance": float(payload.get("acceptance") or float("nan"))}
     spec = ChainSpec(stage="fhmc", algorithm="fhmc", action=action, purpose="fhmc",
-                     to_physical=action.to_physical, attrs=attrs)
+                     to_physical=action.to_physical, attrs=attrs, identity=_fhmc_identity)
     produce(cfg, world, cfg.fhmc, spec, STAGE_TABLE["fhmc"].path(cfg), force=force)
+
+
+def _fhmc_identity(cfg, attrs):
+    """The fhmc result: its declared keys and the trained flow (its fingerprint)."""
+    from .stages import identity
+
+    return identity(cfg, "fhmc") | {"[flow] trained flow (fingerprint)": attrs.get("flow_fingerprint")}
 
 
 def stage_analysis(cfg, world, force):
@@ -123,6 +142,58 @@ STAGES = {"coarse": stage_coarse, "hmc": stage_hmc, "train": stage_train, "fhmc"
 assert set(STAGES) == set(STAGE_TABLE), "hpcflow.stages and the driver disagree on the stages"
 
 
+def _print_once(message: str):
+    """Print an error before MPI starts, from one process only: rank 0 of a job started
+    by mpirun or srun (read from the launcher's environment), or the only process."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "0") != "0":
+            return
+    print(message, file=sys.stderr)
+
+
+def _out_of_space(err: BaseException) -> bool:
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        "No space left on device" in str(err)
+
+
+def _stage_locks(cfg, stage, comm) -> list:
+    """Locks of the stage's outputs outside ``[run] output`` (a shared coarse or flow file)."""
+    out = Path(os.path.abspath(cfg.output))
+    main = STAGE_TABLE[stage].path(cfg)
+    if stage == "analysis" or out in Path(os.path.abspath(main)).parents:
+        return []
+    if comm.Get_rank() == 0:
+        main.parent.mkdir(parents=True, exist_ok=True)
+    return [locks.take(main.with_name(main.name + ".lock"), str(main), comm)]
+
+
+def _memory(cfg, world):
+    """preflight.check_memory with this node's share of the chains and training batch."""
+    from mpi4py import MPI
+
+    from .rng import replica_block
+
+    node = world.comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        ranks = node.allgather(world.rank)
+    finally:
+        node.Free()
+    sizes = [s.replicas for s in (cfg.hmc, cfg.fhmc) if s is not None]
+    if cfg.coarse is not None:
+        sizes.append(cfg.coarse.replicas)
+    chains = sum(len(replica_block(max(sizes, default=0), world.size, r)) for r in ranks)
+    batch = (sum(len(replica_block(cfg.train.batch_size, world.size, r)) for r in ranks)
+             if cfg.train is not None else 0)
+    problem = None
+    try:
+        preflight.check_memory(cfg, chains, batch)
+    except ConfigError as err:
+        problem = str(err)
+    problems = [p for p in world.comm.allgather(problem) if p is not None]
+    if problems:
+        raise StageError(problems[0])
+
+
 def main(argv=None, comm=None) -> int:
     ap = argparse.ArgumentParser(prog=log_mod.program_name("hpcflow.run", "hpcflow-run"), description=__doc__.split("\n")[0])
     ap.add_argument("input", help="INI input file")
@@ -133,8 +204,9 @@ def main(argv=None, comm=None) -> int:
     # Validate before touching MPI or any file: bad input exits 2 with nothing written.
     try:
         cfg = config_mod.load(args.input)
+        preflight.check(cfg, args.force)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print_once(f"error: {err}")
         return 2
 
     from mpi4py import MPI
@@ -143,18 +215,56 @@ def main(argv=None, comm=None) -> int:
 
     comm = MPI.COMM_WORLD if comm is None else comm
     log_mod.configure(comm.Get_rank(), args.quiet, args.verbose)
+    output = Path(cfg.output)
+    created = comm.bcast(not output.exists() if comm.Get_rank() == 0 else None, root=0)
+    held = []
+    stage, before = None, set()
     try:
-        world = make_world(cfg.run.device, cfg.run.threads, comm)
-        if world.is_root:
-            Path(cfg.output).mkdir(parents=True, exist_ok=True)
-        comm.Barrier()
-        for stage in cfg.run.stages:
-            STAGES[stage](cfg, world, args.force)
+        with signals.installed():
+            world = make_world(cfg.run.device, cfg.run.threads, comm)
+            if world.is_root:
+                output.mkdir(parents=True, exist_ok=True)
+            held.append(locks.take(output / locks.LOCK_NAME, f"[run] output {output}", comm))
+            _memory(cfg, world)
+            for i, stage in enumerate(cfg.run.stages):
+                sig = comm.allreduce(signals.received(), op=MPI.MAX) if i else 0
+                if sig:
+                    raise Stopped(sig, f"stopped by {signals.name(sig)} before the {stage} stage")
+                before = {p for p in STAGE_TABLE[stage].outputs(cfg) if p.exists()}
+                stage_held = _stage_locks(cfg, stage, comm)
+                try:
+                    STAGES[stage](cfg, world, args.force)
+                finally:
+                    for lock in stage_held:
+                        if lock is not None:
+                            lock.release()
+    except Stopped as err:
+        if comm.Get_rank() == 0:
+            print(f"stopped: {err}; rerun the same command to resume (exit {signals.EXIT_STOPPED})",
+                  file=sys.stderr, flush=True)
+        return signals.EXIT_STOPPED
     except StageError as err:
         if comm.Get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
+            _release(held)
+            _remove_if_empty(output, created)
         return 2
-    except Exception:
+    except Exception as err:
+        if _out_of_space(err) and stage is not None:
+            if comm.Get_rank() == 0:  # the stage's new files without a result: no stubs
+                from .store import NEW_SUFFIX
+
+                for p in set(STAGE_TABLE[stage].outputs(cfg)) - before:
+                    p.unlink(missing_ok=True)
+                    p.with_name(p.name + NEW_SUFFIX).unlink(missing_ok=True)  # a new file's draft
+                print(f"error: {cfg.path}: [run] output: no space left on the device while the "
+                      f"{stage} stage wrote its output ({err}); free space or choose another output",
+                      file=sys.stderr, flush=True)
+                _release(held)
+                _remove_if_empty(output, created)
+            if comm.Get_size() > 1:
+                comm.Abort(2)
+            return 2
         if comm.Get_size() > 1:  # one rank failing must not leave the others waiting forever
             import traceback
 
@@ -162,7 +272,25 @@ def main(argv=None, comm=None) -> int:
             sys.stderr.flush()
             comm.Abort(1)
         raise
+    finally:
+        _release(held)
     return 0
+
+
+def _release(held):
+    while held:
+        lock = held.pop()
+        if lock is not None:
+            lock.release()
+
+
+def _remove_if_empty(output: Path, created: bool):
+    """Remove the output directory this run created when nothing but its lock is in it."""
+    if not created or not output.is_dir():
+        return
+    if {p.name for p in output.iterdir()} <= {locks.LOCK_NAME}:
+        (output / locks.LOCK_NAME).unlink(missing_ok=True)
+        output.rmdir()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ One file per production stage (``hmc.h5``, later ``fhmc.h5``, ``coarse.h5``):
 
     attrs                   hpcflow_version, input (the full input text), input_path, stage,
                             algorithm, L, beta, lambda, seed, replicas, trajectories,
-                            thermalization, length, steps, integrator, save_every, fingerprint
+                            thermalization, length, steps, integrator, save_every,
+                            identity (JSON {"[section] key": value} of the keys that determine
+                            the result, :mod:`hpcflow.stages`), fingerprint (its hash)
     /observables/M          float64 [replicas, measurements]        magnetization
     /observables/Mz         float64 [replicas, measurements]        magnetization of the chain
                                                                     variable z (FHMC: z, with
@@ -409,7 +411,7 @@ def _inspect(path: Path) -> dict | None:
             return None
         report = verify(f, path)
         return {"fingerprint": str(f.attrs.get("fingerprint", "")), "done": done,
-                "total": total, "slot": report["slot"], "report": report}
+                "total": total, "slot": report["slot"], "report": report, "attrs": dict(f.attrs)}
 
 
 def committed_slot(f: h5py.File) -> int | None:
@@ -547,6 +549,55 @@ def _merge(problems):
 def _span(p):
     kind = "configurations" if p["dataset"] == "/configs" else "measurements"
     return f"{kind} {p['first']}" + (f"..{p['last']}" if p["last"] != p["first"] else "")
+
+
+def extend(path, datasets: dict[str, tuple], attrs: dict) -> list[str]:
+    """Give an ensemble file room for a longer run: every dataset of ``datasets`` (from
+    :func:`layout` for the new length) that the file holds smaller is replaced by one of the
+    new shape holding the old values in its leading slice (the rest the fill value), and
+    ``attrs`` are set.  Serial (rank 0, no other process has the file open); atomic: the
+    work is done on a copy that replaces the file, so a kill leaves the old file or the new
+    one.  Returns the names of the grown datasets."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".extend.tmp")
+    try:
+        grown = _extend_copy(path, tmp, datasets, attrs)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-made copy left behind (a full disk ...)
+        raise
+    os.replace(tmp, path)
+    return grown
+
+
+def _extend_copy(path, tmp, datasets, attrs):
+    import os
+    import shutil
+
+    shutil.copyfile(path, tmp)
+    grown = []
+    with h5py.File(tmp, "r+") as f:
+        for name, (shape, dtype, fill) in datasets.items():
+            if name not in f or f[name].shape == tuple(shape):
+                continue
+            old = f[name]
+            if len(old.shape) != len(shape) or any(a > b for a, b in zip(old.shape, shape)):
+                continue  # never shrink: a longer file keeps its rows
+            f.move(name, name + ".old")
+            new = f.create_dataset(name, shape=shape, dtype=dtype, dcpl=_early_dcpl(fill))
+            old = f[name + ".old"]
+            for k, v in old.attrs.items():  # e.g. the checksums' "from"
+                new.attrs[k] = v
+            for r in range(old.shape[0]):  # a replica at a time: bounded memory
+                new[(r, *(slice(0, n) for n in old.shape[1:]))] = old[r]
+            del f[name + ".old"]
+            grown.append(name)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    return grown
 
 
 def read_cost(f: h5py.File) -> dict | None:

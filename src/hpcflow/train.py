@@ -49,12 +49,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import StageError
+from .errors import StageError, Stopped
 from .flows import FAMILY, Flow, FlowFamilyError
 from .log import logger
 from .rng import generator, purpose_key, replica_block
+from .signals import StopPoll
+from .signals import name as signal_name
 from .store import fingerprint, kill_point
-from .stages import HISTORY_FILE
+from .stages import HISTORY_FILE, identity, identity_diff
 
 FORMAT = "hpcflow-flow-2"
 OLD_FORMATS = {"hpcflow-flow-1": "hpcflow 0.1 (couplings applied phi -> phi~, convolutions with bias, "
@@ -463,14 +465,49 @@ def expected_spec(cfg) -> dict:
 
 
 def build_flow(cfg, device) -> Flow:
+    """The untrained flow of ``cfg``; its initial weights (those of hidden layers are
+    random) come from the run seed alone, whatever torch's global generator holds."""
     f = cfg.flow
-    flow = Flow(cfg.theory.L, kernel_size=f.kernel_size, layers=f.layers, hidden=tuple(f.hidden),
-                block=f.block)
+    seed = int(generator(cfg.run.seed, purpose_key("flow-init")).integers(2**63))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        flow = Flow(cfg.theory.L, kernel_size=f.kernel_size, layers=f.layers,
+                    hidden=tuple(f.hidden), block=f.block)
     return flow.to(device=device, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------
 # The MPI train stage
+
+
+def _check_identity(path, cfg, payload, ident):
+    """Refuse a flow file whose training identity differs from ``ident`` (naming every
+    differing key); files without a stored identity are judged by their stored input."""
+    from . import config as config_mod
+
+    old = payload.get("identity")
+    if old is None:
+        try:
+            old = identity(config_mod.parse(str(payload.get("input", "")),
+                                            f"{path} (its stored input)"), "train")
+        except config_mod.ConfigError as err:
+            raise StageError(f"{path} exists and its stored input cannot be compared with "
+                             f"{cfg.path} ({err}); rerun with --force to replace it") from None
+        old = json.loads(json.dumps(old))
+    diff = identity_diff(old, ident)
+    if diff:
+        raise StageError(f"{path} exists and was trained from a different input: "
+                         f"{'; '.join(diff)} ({cfg.path}); rerun with --force to replace it")
+
+
+def _write_history(path: Path, payload: dict):
+    """``train.json`` beside the flow file, from a finished training's payload (atomic)."""
+    history = path.with_name(HISTORY_FILE)
+    tmp = history.with_name(history.name + ".tmp")
+    tmp.write_text(json.dumps({"prior": payload["prior"], "spec": payload["spec"],
+                               "history": payload["history"],
+                               "train_time": payload["train_time"]}, indent=1) + "\n")
+    os.replace(tmp, history)
 
 
 def train(cfg, world, prior, target, path: Path, force: bool = False, log=None) -> dict:
@@ -488,7 +525,8 @@ def train(cfg, world, prior, target, path: Path, force: bool = False, log=None) 
     cfg : hpcflow.config.Config
     world : hpcflow.parallel.World
     prior, target
-        As for :class:`Trainer`.
+        As for :class:`Trainer` (``prior`` may be a function returning it, called only
+        when there is training to do).
     path : pathlib.Path
         The flow file; ``train.json`` is written beside it.
     force : bool
@@ -498,19 +536,27 @@ def train(cfg, world, prior, target, path: Path, force: bool = False, log=None) 
     """
     log = logger.info if log is None else log
     t = cfg.train
-    fp = flow_fingerprint(cfg)
+    ident = json.loads(json.dumps(identity(cfg, "train")))
     payload = None
     if world.is_root and path.exists() and not force:
-        payload = read_flow_file(path)
+        try:
+            payload = read_flow_file(path)
+            _check_identity(path, cfg, payload, ident)
+        except StageError as err:
+            payload = err
     payload = world.comm.bcast(payload, root=0)
-    if payload is not None and payload.get("fingerprint") != fp:
-        raise StageError(f"{path} exists and was trained from a different input; "
-                         "rerun with --force to replace it")
+    if isinstance(payload, StageError):  # every rank raises rank 0's finding
+        raise payload
+    fp = flow_fingerprint(cfg) if payload is None else payload["fingerprint"]
     if payload is not None and payload.get("complete"):
         if world.is_root:
             log(f"[train] {path} is complete: skipped (use --force to retrain)")
+            if not path.with_name(HISTORY_FILE).exists():  # killed between the two writes
+                _write_history(path, payload)
         return payload
 
+    if callable(prior) and not hasattr(prior, "sample"):
+        prior = prior()
     if world.is_root:
         path.parent.mkdir(parents=True, exist_ok=True)
     flow = build_flow(cfg, world.device)
@@ -529,6 +575,11 @@ def train(cfg, world, prior, target, path: Path, force: bool = False, log=None) 
         start = payload["iteration"]
         if world.is_root:
             log(f"[train] resuming {path} at iteration {start}/{t.iterations}")
+            before = (timing.get("segments") or [{}])[-1].get("ranks")
+            if before is not None and before != world.size:
+                logger.warning(f"[train] WARNING: resumed on {world.size} rank(s), but the checkpoint "
+                               f"was written on {before}: every rank draws its own minibatch, so "
+                               f"the result differs from a training on {before} rank(s) throughout")
     else:
         _broadcast_weights(world, flow)
 
@@ -548,7 +599,7 @@ def train(cfg, world, prior, target, path: Path, force: bool = False, log=None) 
             f"Adam lr {t.lr} ({t.schedule})")
 
     def payload_now(it, complete):
-        return {"format": FORMAT, "hpcflow_version": __version__, "fingerprint": fp,
+        return {"format": FORMAT, "hpcflow_version": __version__, "fingerprint": fp, "identity": ident,
                 "spec": flow.spec(), "state_dict": {k: v.cpu() for k, v in flow.state_dict().items()},
                 "theory": {"L": cfg.theory.L, "beta": cfg.theory.beta, "lambda": cfg.theory.lam},
                 "prior": prior.name, "flow": dataclasses.asdict(cfg.flow),
@@ -581,7 +632,13 @@ def train(cfg, world, prior, target, path: Path, force: bool = False, log=None) 
         if world.is_root:
             log(f"[train] 0/{t.iterations} | Metropolis acc {m['acceptance']:.3f} ESS {m['ess']:.3f}")
     t_last, rng = 0.0, None
+    poll = StopPoll(world.comm)
     for it in range(start, t.iterations):
+        stop = poll()
+        if stop:  # the last checkpoint stands: the streams restart only at checkpoints
+            last = it - it % t.checkpoint_every
+            raise Stopped(stop, f"[train] stopped by {signal_name(stop)} at iteration {it}/"
+                                f"{t.iterations}; a rerun resumes {path} from iteration {last}")
         if rng is None or it % t.checkpoint_every == 0:
             # streams restart at checkpoints, so a resumed training draws what it would have
             rng = generator(cfg.run.seed, purpose_key("train"), world.rank, it)
@@ -611,9 +668,7 @@ def train(cfg, world, prior, target, path: Path, force: bool = False, log=None) 
     final = payload_now(t.iterations, True)
     if world.is_root:
         final["acceptance"] = history["metropolis"][-1]["acceptance"] if history["metropolis"] else None
+        _write_history(path, final)  # first: a finished flow file always has its history
         save_flow(path, final)
-        path.with_name(HISTORY_FILE).write_text(json.dumps(
-            {"prior": prior.name, "spec": flow.spec(), "history": history,
-             "train_time": final["train_time"]}, indent=1) + "\n")
     world.comm.Barrier()
     return world.comm.bcast(final if world.is_root else None, root=0)
