@@ -319,3 +319,36 @@ def test_fit_power_on_synthetic_data():
     assert scan.fit_power([2.0], [10.0], [1.0]) is None
     # an xi error enlarges the error of z (effective variance)
     assert scan.fit_power(xi, 5.0 * xi**2.1, 0.03 * 5.0 * xi**2.1, 0.02 * xi)["z_error"] > exact["z_error"]
+
+
+@pytest.mark.slow
+def test_refine_lengthens_a_production_and_continues_its_chains(tmp_path, monkeypatch):
+    """A finished HMC point that missed the target error is lengthened by ``refine``
+    (N' = 1.1 N (e / target)^2, at most 8 N); the next run continues the same chains, so the
+    first N measurements are the old ones bit for bit."""
+    from mpi4py import MPI
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_scan(tmp_path, **{"L = 4, 6, 8": "L = 4", "hmc_lengths = 2": "hmc_lengths =",
+                                  "fhmc = gaussian:3, coarse-volume:3@4": "fhmc =",
+                                  "trajectories = 120": "trajectories = 120\ntarget = 0.05"})
+    assert scan.run_scan(path, comm=MPI.COMM_WORLD, quiet=True) == 0
+    ens = tmp_path / "tiny" / "runs" / "L4-hmc" / "hmc.h5"
+    with h5py.File(ens) as f:
+        before = f["observables/M"][()]
+    n = before.shape[1]
+    assert n == 120
+    js = json.loads(ens.with_name("analysis.json").read_text())
+    err = js["observables"]["M"]["tau_int_error"] / js["observables"]["M"]["tau_int"]
+    assert err > 0.05  # 4 x 120 trajectories cannot reach 5 %
+    now = scan.refine(path, quiet=True)
+    want = min(math.ceil(1.1 * n * (err / 0.05) ** 2), 8 * n)
+    want = int(math.ceil(want / 100) * 100)
+    assert now["L4-hmc"] == {"trajectories": want, "from": n, "error": pytest.approx(err)}
+    assert f"trajectories = {want}" in (tmp_path / "tiny" / "inputs" / "L4-hmc.ini").read_text()
+    scan.make(path, quiet=True)  # a later make keeps the refined length
+    assert f"trajectories = {want}" in (tmp_path / "tiny" / "inputs" / "L4-hmc.ini").read_text()
+    assert scan.run_scan(path, comm=MPI.COMM_WORLD, quiet=True) == 0
+    with h5py.File(ens) as f:
+        after = f["observables/M"][()]
+    assert after.shape[1] == want and np.array_equal(after[:, :n], before)

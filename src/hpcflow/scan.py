@@ -2,6 +2,7 @@
 
     python -m hpcflow.scan make SCAN.ini              # inputs/, manifest.tsv, plan.json; budget
     python -m hpcflow.scan run SCAN.ini               # every job in order, skipping finished ones
+    python -m hpcflow.scan refine SCAN.ini            # lengthen productions that missed the target
     mpirun -n 2 python -m mpi4py -m hpcflow.scan run SCAN.ini          # the same over 2 ranks
     sbatch jobs/scan.sbatch SCAN_DIR/manifest.tsv     # the same as SLURM job arrays
     python -m hpcflow.scan analyse SCAN_DIR [--json F] [--csv F] [--png FIG]
@@ -66,7 +67,8 @@ tau_int(M) (in trajectories) and the Gamma-method error of tau_int (PHYSICS.md s
 xi_ref = 4, z_guess = 2, length_exponent = 1.54 (77 -> 9.1 from tau = 1 to 4) and the
 ratio guesses (gaussian 1.3, coarse-volume 1.2, coarse-interleave 2.4) come from the same
 study.  The thermalization is max(min_thermalization, thermalization_taus tau_est).  The estimates only
-size the runs: ``scan analyse`` reports the error reached, point by point.  ``make``
+size the runs: ``scan analyse`` reports the error reached, point by point, and ``scan
+refine`` lengthens every finished production that missed the target (:func:`refine`).  ``make``
 prints the budget, from rank-seconds per site and force measured on the 2-core
 development machine (``[statistics] seconds_per_site_force``, ``force_cost_fhmc``,
 ``seconds_per_site_sample_train``).
@@ -108,6 +110,7 @@ from .log import logger
 PRIOR_NAMES = {"gaussian": "gaussian", "coarse-volume": "volume", "coarse-interleave": "interleave"}
 MANIFEST = "manifest.tsv"
 PLAN = "plan.json"
+REFINE = "refine.json"
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,10 +477,15 @@ def _fmt(v) -> str:
 
 
 def plan(s: Scan, base: Path | None = None) -> list[Job]:
-    """Every job of the scan, in dependency order (module docstring)."""
+    """Every job of the scan, in dependency order (module docstring); productions that
+    ``refine`` lengthened keep their longer runs (``SCAN_DIR/refine.json``)."""
     sc, md, st = s.scan, s.md, s.statistics
     out = Path(sc.output)
     betas = point_betas(s)
+    try:
+        refined = json.loads((out / REFINE).read_text())
+    except (OSError, ValueError):
+        refined = {}
     run_extra = s.extra.get("run", {})
     jobs: list[Job] = []
     for L in sc.L:
@@ -488,9 +496,10 @@ def plan(s: Scan, base: Path | None = None) -> list[Job]:
             return _section("run", {"name": key, "output": str(out / "runs" / key),
                                     "seed": job_seed(sc.seed, key), "stages": stages, **run_extra})
 
-        def production(L, length, prior):
+        def production(L, length, prior, key):
             tau = tau_estimate(s, L, length, prior)
             n, therm = statistics_for(s, tau)
+            n = max(n, int(refined.get(key, {}).get("trajectories", 0)))
             return tau, {"replicas": st.replicas, "trajectories": n, "thermalization": therm,
                          "length": _fmt(length), "steps": steps_at(md, L, length),
                          "integrator": md.integrator, "save_every": 0}
@@ -499,7 +508,7 @@ def plan(s: Scan, base: Path | None = None) -> list[Job]:
                                                               if not math.isclose(x, md.length)]
         for length in lengths:
             key = f"L{L}-hmc" + ("" if math.isclose(length, md.length) else f"-tau{length:g}")
-            tau, sec = production(L, length, None)
+            tau, sec = production(L, length, None, key)
             text = (f"# hpcflow scan {sc.name}: HMC at L = {L} (L/xi = {sc.L_over_xi:g}), tau = {length:g}\n"
                     + run_section(key, "hmc, analysis") + "\n" + _section("theory", theory) + "\n"
                     + _section("hmc", sec))
@@ -539,7 +548,7 @@ def plan(s: Scan, base: Path | None = None) -> list[Job]:
                                                   coarse_file=str(cfile), budget_rank_seconds=cost)
                     jobs.append(coarse_jobs[coarse_key])
             key = f"L{L}-{f.tag}"
-            tau, sec = production(L, md.length, f.prior)
+            tau, sec = production(L, md.length, f.prior, key)
             flow = {"prior": f.prior, "kernel_size": f.kernel_size, **s.extra.get("flow", {})}
             body = (run_section(key, "@STAGES@") + "\n" + _section("theory", theory) + "\n"
                     + _section("flow", flow) + "\n" + _section("train", s.extra.get("train", {}))
@@ -635,6 +644,56 @@ def budget_table(jobs: list[Job]) -> str:
     lines.append(f"budget: {total / 3600:.2f} rank-hours in all (estimate from [statistics]; "
                  f"{total / 3600 / 2:.2f} h on 2 ranks)")
     return "\n".join(lines)
+
+
+def refine(scan_path, max_factor: float = 8.0, quiet: bool = False) -> dict:
+    """Lengthen the finished productions whose tau_int(M) missed the target: with relative
+    error e after N trajectories per replica (e ~ N^(-1/2)),
+
+        N' = ceil(1.1 N (e / target)^2),  at most max_factor N,
+
+    recorded in ``SCAN_DIR/refine.json`` and written into the inputs (``make``).  Running
+    the scan again continues the same chains (raising ``trajectories`` extends a finished
+    ensemble, the first N measurements unchanged).  Returns {job: {trajectories, from,
+    error}} of the jobs lengthened now."""
+    s = load_scan(scan_path)
+    out = Path(s.scan.output)
+    target = s.statistics.target
+    try:
+        refined = json.loads((out / REFINE).read_text())
+    except (OSError, ValueError):
+        refined = {}
+    now = {}
+    for j in plan(s):
+        if j.kind not in ("hmc", "fhmc"):
+            continue
+        try:
+            js = json.loads((Path(j.output) / "analysis.json").read_text())
+        except (OSError, ValueError):
+            continue
+        entries = js if isinstance(js, list) else [js]
+        e = next((x for x in entries if Path(x.get("file", "")).name == f"{j.kind}.h5"), None)
+        if e is None or e.get("complete") is False:
+            continue  # still running: its error is not final
+        tau, dtau = e["observables"]["M"]["tau_int"], e["observables"]["M"]["tau_int_error"]
+        if not tau or not dtau or dtau / tau <= target:
+            continue
+        n = e["measurements"]
+        want = min(math.ceil(1.1 * n * (dtau / tau / target) ** 2), int(max_factor * n))
+        want = _round_up(want)
+        if want > n:
+            now[j.key] = {"trajectories": want, "from": n, "error": dtau / tau}
+    if now:
+        refined.update(now)
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / REFINE, json.dumps(refined, indent=1, sort_keys=True) + "\n")
+    make(scan_path, quiet=True)
+    if not quiet:
+        for key, r in now.items():
+            print(f"{key}: tau_int(M) to {100 * r['error']:.1f}% > {100 * target:g}%: "
+                  f"{r['from']} -> {r['trajectories']} trajectories per replica")
+        print(f"{len(now)} production(s) lengthened; run the scan again to continue them")
+    return now
 
 
 # ---------------------------------------------------------------------------------------
@@ -1143,6 +1202,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("run", help="run every job here (mpirun works), skipping finished ones")
     p.add_argument("scan", help="scan file (INI)")
     p.add_argument("--force", action="store_true", help="recompute every job (hpcflow.run --force)")
+    p = sub.add_parser("refine", help="lengthen finished productions that missed the target error")
+    p.add_argument("scan", help="scan file (INI)")
+    p.add_argument("--max-factor", type=float, default=8.0, help="most a run grows at once (8)")
     p = sub.add_parser("submit", help="submit a manifest as SLURM arrays (jobs/scan.sbatch calls it)")
     p.add_argument("manifest")
     p.add_argument("--script", default="jobs/scan.sbatch", help="the array job script")
@@ -1167,6 +1229,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "make":
             make(args.scan, quiet=args.quiet)
+        elif args.command == "refine":
+            refine(args.scan, args.max_factor, quiet=args.quiet)
         elif args.command == "check":
             base, entries = read_manifest(args.manifest)
             for e in entries:
