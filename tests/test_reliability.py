@@ -451,6 +451,7 @@ def test_analysis_of_a_partial_run_then_of_the_finished_one(tmp_path, capsys):
     cache = analysis.cache_path(h5)
     assert cache.exists()
     assert run.main([str(path), "--quiet"]) == 0
+    capsys.readouterr()  # the run's own warnings (the killed run's lock is taken over)
     # the analysis of the running production finished after it: its cache is the newer file
     later = h5.stat().st_mtime_ns + 10**9
     os.utime(cache, ns=(later, later))
