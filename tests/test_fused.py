@@ -26,12 +26,13 @@ def compiled():
         pytest.skip(f"torch.compile unavailable here: {err}")
 
 
-def chain(trajectory, n=30):
+def chain(trajectory, n=30, action=TARGET):
+    """n HMC steps of ``action`` (fields, accept decisions), eager or with ``trajectory``."""
     streams = ReplicaStreams(11, range(B), "same")
-    state = init_state(TARGET, 0.5 * streams.normal((L, L), "cpu"))
+    state = init_state(action, 0.5 * streams.normal((L, L), "cpu"))
     phis, accepts = [], []
     for _ in range(n):
-        state, info = hmc_step(TARGET, state, streams.normal((L, L), "cpu"),
+        state, info = hmc_step(action, state, streams.normal((L, L), "cpu"),
                                streams.log_uniform("cpu"), INTEGRATORS["leapfrog"], 1.0, 5,
                                trajectory=trajectory)
         phis.append(state.phi)
@@ -162,20 +163,8 @@ def test_compiled_fhmc_chain_equals_eager(compiled_flowed):
     """A short FHMC chain, compiled against eager: z to 1e-12, the same accept decisions."""
     act, fn = compiled_flowed
 
-    def fchain(trajectory, n=15):
-        streams = ReplicaStreams(11, range(B), "same")
-        state = init_state(act, 0.5 * streams.normal((L, L), "cpu"))
-        phis, accepts = [], []
-        for _ in range(n):
-            state, info = hmc_step(act, state, streams.normal((L, L), "cpu"),
-                                   streams.log_uniform("cpu"), INTEGRATORS["leapfrog"], 1.0, 5,
-                                   trajectory=trajectory)
-            phis.append(state.phi)
-            accepts.append(info.accepted)
-        return torch.stack(phis), torch.stack(accepts)
-
-    z_eager, acc_eager = fchain(None)
-    z_fused, acc_fused = fchain(fn)
+    z_eager, acc_eager = chain(None, 15, act)
+    z_fused, acc_fused = chain(fn, 15, act)
     assert 0 < acc_eager.float().mean() < 1
     assert torch.equal(acc_fused, acc_eager)
     torch.testing.assert_close(z_fused, z_eager, rtol=0, atol=1e-12)

@@ -41,6 +41,19 @@ def assert_same_file(a, b):
         np.testing.assert_array_equal(db[name], da[name], err_msg=name)
 
 
+def reference_and_killed(tmp_path, sections, point):
+    """The same input in ``ref/`` and ``cut/``: ``ref`` run to the end, ``cut`` killed at
+    ``point``; returns {"ref": ini, "cut": ini}."""
+    files = {}
+    for d in ("ref", "cut"):
+        (tmp_path / d).mkdir()
+        files[d] = write_ini(tmp_path / d, **sections)
+    assert run.main([str(files["ref"]), "--quiet"]) == 0
+    p = killed_run(files["cut"], point)
+    assert p.returncode == KILLED_STATUS, p.stderr
+    return files
+
+
 def killed_run(ini, point, mpi_ranks=0, args=()):
     """Run ``python -m hpcflow.run ini`` in a subprocess killed at ``point``; return it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_"))
@@ -161,13 +174,7 @@ def test_coarse_killed_inside_a_checkpoint_resumes_bit_identical(tmp_path, point
     sections = dict(run={"stages": "coarse", "checkpoint_every": 10},
                     coarse={"replicas": 2, "samples": 16, "eval_samples": 16, "pilot": 40,
                             "thermalization": 10, "spacing": 2})
-    files = {}
-    for d in ("ref", "cut"):
-        (tmp_path / d).mkdir()
-        files[d] = write_ini(tmp_path / d, **sections)
-    assert run.main([str(files["ref"]), "--quiet"]) == 0
-    p = killed_run(files["cut"], point)
-    assert p.returncode == KILLED_STATUS, p.stderr
+    files = reference_and_killed(tmp_path, sections, point)
     assert run.main([str(files["cut"]), "--quiet"]) == 0
     for name in ("coarse.h5", "coarse-pilot.h5"):
         assert_same_file(tmp_path / "ref" / "out" / name, tmp_path / "cut" / "out" / name)
@@ -178,13 +185,7 @@ def test_train_killed_inside_a_checkpoint_resumes_bit_identical(tmp_path, point)
     sections = dict(run={"stages": "train"}, flow={},
                     train={"iterations": 30, "batch_size": 16, "metropolis": 16,
                            "checkpoint_every": 10})
-    files = {}
-    for d in ("ref", "cut"):
-        (tmp_path / d).mkdir()
-        files[d] = write_ini(tmp_path / d, **sections)
-    assert run.main([str(files["ref"]), "--quiet"]) == 0
-    p = killed_run(files["cut"], point)
-    assert p.returncode == KILLED_STATUS, p.stderr
+    files = reference_and_killed(tmp_path, sections, point)
     from hpcflow.train import read_flow_file
 
     assert read_flow_file(tmp_path / "cut" / "out" / "flow.pt")["iteration"] == (

@@ -242,7 +242,7 @@ SECTIONS: dict[str, type] = {
 STAGE_SECTIONS = {name: stage.sections for name, stage in _STAGE_TABLE.items()}
 ALWAYS = ("run", "theory")
 DEFAULTED = ("analysis", "flow")
-KEY_ALIASES = {("theory", "lambda"): "lam"}
+KEY_ALIASES = {("theory", "lambda"): "lam", ("scan", "lambda"): "lam"}  # [scan]: hpcflow.scan
 # Keys of earlier versions, with why they went; named in the error instead of "unknown key".
 REMOVED_KEYS = {
     ("flow", "prior_width"): "was removed: the Gaussian prior has unit width and the flow learns "
@@ -368,8 +368,10 @@ def _cross_checks(cfg: Config):
                           f"must not exceed L = {t.L} (got {cfg.flow.kernel_size})")
 
 
-def parse(text: str, path: str | Path = "<string>") -> Config:
-    """Parse the text of an input file; raise ConfigError on any problem."""
+def read_ini(text: str, path, allowed) -> configparser.ConfigParser:
+    """The sections of an INI text (keys case sensitive, ``#``/``;`` comments, a UTF-8 BOM
+    accepted); ConfigError with the line number for a syntax error, and for a section not
+    in ``allowed``.  Shared by input files and scan files (:mod:`hpcflow.scan`)."""
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"),
                                        delimiters=("=",), strict=True)
     parser.optionxform = str  # keys are case sensitive: L is not l
@@ -395,9 +397,15 @@ def parse(text: str, path: str | Path = "<string>") -> Config:
         where = f"line {e.lineno}: " if getattr(e, "lineno", None) else ""
         raise ConfigError(path, None, None, f"{where}not a valid INI file: {e.message.splitlines()[0]}") from None
     for section in parser.sections():
-        if section not in SECTIONS:
+        if section not in allowed:
             raise ConfigError(path, section, None,
-                              f"unknown section; allowed sections: {', '.join(SECTIONS)}")
+                              f"unknown section; allowed sections: {', '.join(allowed)}")
+    return parser
+
+
+def parse(text: str, path: str | Path = "<string>") -> Config:
+    """Parse the text of an input file; raise ConfigError on any problem."""
+    parser = read_ini(text, path, SECTIONS)
     sections = {}
     for name in ALWAYS:
         if name not in parser:

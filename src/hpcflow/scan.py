@@ -90,7 +90,6 @@ Exit status: 0 success; 2 bad scan file, manifest or missing input (no job start
 from __future__ import annotations
 
 import argparse
-import configparser
 import dataclasses
 import hashlib
 import json
@@ -262,7 +261,6 @@ SCAN_SECTIONS = {"scan": ScanSection, "algorithms": AlgorithmsSection, "md": MDS
 #: Sections copied into the jobs' inputs, with the keys the scan sets per job.
 PASS_THROUGH = {"run": ("name", "output", "seed", "stages"), "flow": ("prior", "kernel_size", "file"),
                 "train": (), "coarse": ("beta", "L", "file", "seed")}
-ALIASES = {("scan", "lambda"): "lam"}
 PROBE = {"run": {"name": "x", "output": "x", "seed": "0"},
          "coarse": {"beta": "0.5", "L": "4", "replicas": "1", "samples": "1"}}
 
@@ -287,32 +285,12 @@ def load_scan(path) -> Scan:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(path, None, None, f"cannot read scan file: {getattr(e, 'strerror', None) or e}") from None
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"),
-                                       delimiters=("=",), strict=True)
-    parser.optionxform = str
-    try:
-        parser.read_string(text.lstrip("\ufeff"), source=path)
-    except configparser.DuplicateSectionError as e:
-        raise ConfigError(path, e.section, None, "section appears twice") from None
-    except configparser.DuplicateOptionError as e:
-        raise ConfigError(path, e.section, e.option, "key appears twice") from None
-    except configparser.Error as e:
-        raise ConfigError(path, None, None, f"not a valid INI file: {e.message.splitlines()[0]}") from None
-    allowed = list(SCAN_SECTIONS) + list(PASS_THROUGH)
-    for section in parser.sections():
-        if section not in allowed:
-            raise ConfigError(path, section, None, f"unknown section; allowed sections: {', '.join(allowed)}")
+    parser = config_mod.read_ini(text, path, list(SCAN_SECTIONS) + list(PASS_THROUGH))
     if "scan" not in parser:
         raise ConfigError(path, "scan", None, "required section is missing")
     parsed = {}
     for name, cls in SCAN_SECTIONS.items():
-        items = dict(parser[name]) if name in parser else {}
-        items = {ALIASES.get((name, k), k): v for k, v in items.items()}
-        try:
-            parsed[name] = _parse_section(cls, name, items, path)
-        except ConfigError as err:  # report the INI spelling of an aliased key
-            raise ConfigError(path, err.section, "lambda" if err.key == "lam" else err.key,
-                              str(err).split(": ", 2)[-1]) from None
+        parsed[name] = _parse_section(cls, name, dict(parser[name]) if name in parser else {}, path)
     extra = {}
     for name, fixed in PASS_THROUGH.items():
         if name not in parser:
@@ -614,7 +592,7 @@ def make(scan_path, quiet: bool = False) -> tuple[Path, list[Job]]:
     _write(out / PLAN, json.dumps({"name": s.scan.name, "scan_file": str(scan_path),
                                    "scan_text": Path(scan_path).read_text(), "base": str(Path.cwd()),
                                    "hpcflow_version": __version__, "L_over_xi": s.scan.L_over_xi,
-                                   "lambda": s.scan.lam,
+                                   "lambda": s.scan.lam, "target": s.statistics.target,
                                    "jobs": [j.record() for j in jobs]}, indent=1) + "\n")
     if not quiet:
         print(budget_table(jobs))
@@ -1029,12 +1007,14 @@ def _resolve(base: Path, p: str) -> Path:
 
 
 def _target(planned) -> float:
-    try:
-        cp = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
-        cp.read_string(planned.get("scan_text", ""))
-        return float(cp.get("statistics", "target", fallback="0.10"))
-    except (configparser.Error, ValueError):
-        return 0.10
+    """The scan's target relative error: from plan.json, or from the scan text stored in a
+    plan.json written before it carried the target."""
+    if "target" in planned:
+        return planned["target"]
+    parser = config_mod.read_ini(planned["scan_text"], planned["scan_file"],
+                                 list(SCAN_SECTIONS) + list(PASS_THROUGH))
+    items = dict(parser["statistics"]) if "statistics" in parser else {}
+    return _parse_section(StatisticsSection, "statistics", items, planned["scan_file"]).target
 
 
 def scan_table(result: dict) -> str:
@@ -1119,11 +1099,7 @@ def scan_figure(result: dict, png: Path):
                         yerr=[q["ratio"]["error"] for q in rs], xerr=[q["xi"]["error"] for q in rs],
                         marker="o", ms=4, capsize=2, label=label(k))
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("xi")
         ax.set_ylabel("tau_int(M) HMC / FHMC")
-        ax.grid(alpha=0.3, which="both")
         if groups:
             ax.legend(fontsize=8)
 
@@ -1150,12 +1126,8 @@ def scan_figure(result: dict, png: Path):
             grid = np.geomspace(xi.min(), xi.max(), 20)
             ax.plot(grid, f["A"] * grid ** f["z"], color=line[0].get_color(), lw=1,
                     ls="--" if key[0] == "hmc" else "-")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("xi")
     ax.set_ylabel("tau_int(M) [trajectories]")
     ax.set_title("tau_int(M) ~ xi^z (HMC dashed, with its length controls)", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     ax = axes[3]
     for key, rs in sorted(series.items(), key=lambda kv: str(kv[0])):
@@ -1170,14 +1142,14 @@ def scan_figure(result: dict, png: Path):
         if key[0] == "fhmc":
             ax.plot(xi, [q["cost"]["seconds_per_independent_sample_with_training"] for q in rs],
                     marker="o", mfc="none", ls=":", color=line.get_color())
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("xi")
     ax.set_ylabel("rank-seconds per independent sample of M")
     ax.set_title("cost at equal statistics (open: with the training amortised)", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    for i, ax in enumerate(axes):
+    for i, ax in enumerate(axes):  # every panel: log-log against xi, plain tick labels
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("xi")
+        ax.grid(alpha=0.3, which="both")
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_formatter(ScalarFormatter())
             minor = axis is ax.xaxis or i < 2  # the ratio panels span less than a decade
