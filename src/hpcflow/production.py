@@ -400,10 +400,8 @@ def produce(cfg, world, section, spec: ChainSpec, path, force: bool = False) -> 
                 close_production(p)
                 raise Stopped(stop, f"[{spec.stage}] stopped by {signal_name(stop)} at trajectory "
                                     f"{p.done}/{p.total}, checkpoint written to {path}")
-    except Stopped:
-        raise
     except Exception:
-        raise  # no collective clean-up here: the driver aborts every rank
+        raise  # Stopped closed the file above; for any other error the driver aborts every rank
     except BaseException:
         close_production(p)  # interrupted everywhere at once (e.g. KeyboardInterrupt): close cleanly
         raise
