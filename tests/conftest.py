@@ -100,6 +100,24 @@ def make_ini(tmp_path):
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: What the SLURM fixture found where it could not run jobs (printed in the terminal summary).
+SLURM_REPORT: list[str] = []
+
+
+def slurm_script(*argv) -> subprocess.CompletedProcess:
+    """``bash tools/slurm.sh ARGV``, captured."""
+    return subprocess.run(["bash", str(REPO / "tools" / "slurm.sh"), *argv],
+                          capture_output=True, text=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The private SLURM's diagnostics (node state and reason, queue, daemons, log tails)
+    when its tests were skipped or timed out, so that a CI log says why."""
+    for report in SLURM_REPORT:
+        terminalreporter.section("private SLURM (tools/slurm.sh)")
+        terminalreporter.write_line(report)
+
+
 class Slurm:
     """Client side of the private SLURM that ``tools/slurm.sh start`` runs."""
 
@@ -141,16 +159,21 @@ class Slurm:
             if not any(s in live for st in states.values() for s in st.values()):
                 return states
             if time.monotonic() - t0 > timeout:
-                raise TimeoutError(f"SLURM jobs still live after {timeout} s: {states}")
+                diagnostics = slurm_script("diagnose").stdout
+                SLURM_REPORT.append(f"jobs {jobs} still live after {timeout} s:\n{diagnostics}")
+                self.run("scancel", *jobs, check=False)
+                raise TimeoutError(f"SLURM jobs still live after {timeout} s: {states}\n{diagnostics}")
             time.sleep(1.0)
 
 
 @pytest.fixture(scope="session")
 def slurm():
     """A running single-node SLURM, started by ``tools/slurm.sh`` and stopped afterwards
-    (only if this fixture started it); the tests skip, with the reason, where it cannot run
-    (no root, no slurm packages, ports taken by another SLURM)."""
-    script = REPO / "tools" / "slurm.sh"
+    (only if this fixture started it).  Before any test uses it, a trivial 2-task job
+    (``srun true``) must complete within a minute (``tools/slurm.sh probe``).  The tests skip,
+    with the reason, where it cannot run: no root, no slurm packages, ports taken by another
+    SLURM, or a scheduler that does not run the probe (its diagnostics are printed in the
+    terminal summary)."""
     directory = Path(os.environ.get("HPCFLOW_SLURM_DIR", "/tmp/hpcflow-slurm"))
 
     def alive(name):
@@ -162,16 +185,23 @@ def slurm():
             return False
 
     was_running = alive("slurmctld") and alive("slurmd")
-    p = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True)
+    p = slurm_script("start")
     if p.returncode:
-        pytest.skip(f"no single-node SLURM here: {p.stderr.strip() or p.stdout.strip()}")
+        SLURM_REPORT.append(p.stderr)
+        pytest.skip(f"no single-node SLURM here: {(p.stderr.strip() or p.stdout.strip()).splitlines()[0]}")
     conf = p.stdout.strip().split("=", 1)[1]
+    probe = slurm_script("probe")
+    if probe.returncode:
+        SLURM_REPORT.append(probe.stderr)
+        if not was_running:
+            slurm_script("stop")
+        pytest.skip(f"the private SLURM does not run jobs: {probe.stderr.strip().splitlines()[0]}")
     s = Slurm(conf)
     yield s
     if s.jobs:
         s.run("scancel", *s.jobs, check=False)
     if not was_running:
-        subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True)
+        slurm_script("stop")
 
 
 def chain_datasets(path) -> dict:

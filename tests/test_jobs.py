@@ -110,31 +110,34 @@ def test_scan_sbatch_arrays_dependencies_and_a_failed_task(slurm, tmp_path):
     assert f"--array={index['L6-gaussian-k3']}%" in p.stdout
 
 
-def test_run_sbatch_at_its_time_limit_checkpoints_requeues_and_finishes_bit_identical(
-        slurm, make_input, tmp_path):
-    """A job that reaches its time limit: with --time=1 and --signal=B:USR1@45 SLURM sends
-    USR1 to the batch shell within the first 15 s (SLURM may send it up to a minute early);
-    every rank checkpoints, the run exits 3, the script requeues the job, and the requeued
-    job resumes (and is stopped and requeued again if its minute runs out), until it
-    finishes with the chains of an uninterrupted run."""
+def _requeued_run(slurm, make_input, tmp_path, *sbatch_args, trajectories=6000,
+                  signal_when_running=False):
+    """Submit jobs/run.sbatch for a run of L = 6, 4 replicas on 2 tasks, optionally send USR1 to its batch shell once the run prints
+    progress, wait for it to finish; its log, restart count, and a check that its file
+    matches an uninterrupted run bit for bit."""
     import subprocess
+    import time
 
     from conftest import chain_datasets
 
-    kw = dict(L=6, replicas=4, trajectories=6000, thermalization=10, save_every=100,
+    kw = dict(L=6, replicas=4, trajectories=trajectories, thermalization=10, save_every=100,
               checkpoint_every=2000)
     ini = make_input(**kw)
-    (job,) = slurm.sbatch("--ntasks-per-node=2", "--cpus-per-task=1", "--time=1",
-                          "--signal=B:USR1@45", f"--output={tmp_path}/job-%j.out",
-                          str(REPO / "jobs" / "run.sbatch"), str(ini), cwd=tmp_path, env=job_env())
-    states = slurm.wait([job], timeout=1200)
+    (job,) = slurm.sbatch("--ntasks-per-node=2", "--cpus-per-task=1", *sbatch_args,
+                          f"--output={tmp_path}/job-%j.out", str(REPO / "jobs" / "run.sbatch"),
+                          str(ini), cwd=tmp_path, env=job_env())
+    if signal_when_running:
+        t0 = time.monotonic()
+        while not any("[hmc]" in f.read_text() for f in tmp_path.glob("job-*.out")):
+            assert time.monotonic() - t0 < 300, slurm.run("scontrol", "show", "job", job).stdout
+            time.sleep(0.5)
+        slurm.run("scancel", "--batch", "--signal=USR1", job)
+    states = slurm.wait([job], timeout=900)
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert set(states[job].values()) == {"COMPLETED"}, log
-    assert "stopped by SIGUSR1 at trajectory" in log and "requeueing job" in log, log
-    assert "resuming" in log, log
     info = slurm.run("scontrol", "-o", "show", "job", job).stdout
     restarts = int(info.split("Restarts=")[1].split()[0])
-    assert restarts >= 1, info
+    assert restarts >= 1 and "requeueing job" in log and "resuming" in log, (info, log)
 
     ref = make_input(name="ref", **kw).read_text().replace(str(tmp_path / "out"), str(tmp_path / "ref"))
     (tmp_path / "ref.ini").write_text(ref)
@@ -146,3 +149,30 @@ def test_run_sbatch_at_its_time_limit_checkpoints_requeues_and_finishes_bit_iden
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     with h5py.File(tmp_path / "out" / "hmc.h5", "r") as f:
         assert int(f["cost/segments"][0]) == restarts + 1
+    return log
+
+
+def test_run_sbatch_signalled_mid_run_checkpoints_requeues_and_finishes_bit_identical(
+        slurm, make_input, tmp_path):
+    """The signal of ``--signal=B:USR1@...``, sent to the batch shell (``scancel --batch
+    --signal=USR1``) once the run is producing: every rank checkpoints, the run exits 3, the
+    script requeues the job, and the requeued job resumes and finishes with the chains of an
+    uninterrupted run."""
+    log = _requeued_run(slurm, make_input, tmp_path, "--time=10", signal_when_running=True)
+    assert "stopped by SIGUSR1 at trajectory" in log, log
+
+
+def test_run_sbatch_at_its_time_limit_requeues_and_finishes_bit_identical(
+        slurm, make_input, tmp_path):
+    """A job that reaches its time limit: with --time=1 and --signal=B:USR1@45 SLURM sends
+    USR1 to the batch shell at most 45 s before the limit (it may send it up to a minute
+    early, so possibly while the run is still starting, before its handlers exist: the
+    tasks then end without a checkpoint and the script requeues all the same); the
+    requeued job resumes (and is stopped and requeued again if its minute runs out) until
+    it finishes with the chains of an uninterrupted run.  20000 trajectories take about 50 s
+    of work on a quiet 2-core machine (about 420 per second), more than the first minute
+    leaves after the signal."""
+    log = _requeued_run(slurm, make_input, tmp_path, "--time=1", "--signal=B:USR1@45",
+                        trajectories=20000)
+    assert ("stopped by SIGUSR1 at trajectory" in log
+            or "ended by the time-limit signal during start-up" in log), log
