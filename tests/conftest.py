@@ -110,6 +110,11 @@ def slurm_script(*argv) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def first_line(text: str) -> str:
+    """The first line of ``text`` ("" when it is empty)."""
+    return (text.strip().splitlines() or [""])[0]
+
+
 def pytest_terminal_summary(terminalreporter):
     """The private SLURM's diagnostics (node state and reason, queue, daemons, log tails)
     when its tests were skipped or timed out, so that a CI log says why."""
@@ -188,14 +193,14 @@ def slurm():
     p = slurm_script("start")
     if p.returncode:
         SLURM_REPORT.append(p.stderr)
-        pytest.skip(f"no single-node SLURM here: {(p.stderr.strip() or p.stdout.strip()).splitlines()[0]}")
+        pytest.skip(f"no single-node SLURM here: {first_line(p.stderr or p.stdout)}")
     conf = p.stdout.strip().split("=", 1)[1]
     probe = slurm_script("probe")
     if probe.returncode:
         SLURM_REPORT.append(probe.stderr)
         if not was_running:
             slurm_script("stop")
-        pytest.skip(f"the private SLURM does not run jobs: {probe.stderr.strip().splitlines()[0]}")
+        pytest.skip(f"the private SLURM does not run jobs: {first_line(probe.stderr)}")
     s = Slurm(conf)
     yield s
     if s.jobs:
