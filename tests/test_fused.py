@@ -50,6 +50,29 @@ def test_compiled_chain_equals_eager(compiled):
     torch.testing.assert_close(phi_fused, phi_eager, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flowed_action", [False, True], ids=["hmc", "fhmc"])
+def test_compiled_once_per_shape(flowed_action):
+    """The example call compiles the graph; trajectories in a production's grad mode, on
+    fresh tensors every time, reuse it (dynamo refuses any recompilation here)."""
+    B_, L_ = 2, 4
+    action = flowed(L_) if flowed_action else Phi4Action(0.5, 0.5)
+    streams = ReplicaStreams(5, range(B_), "once")
+    example = (torch.zeros(B_, L_, L_, dtype=torch.float64),
+               torch.ones(B_, L_, L_, dtype=torch.float64))
+    try:
+        fn = fused.compile_trajectory(action, INTEGRATORS["leapfrog"], 1.0, 3, example)
+    except fused.CompileUnavailable as err:
+        pytest.skip(f"torch.compile unavailable here: {err}")
+    state = init_state(action, 0.5 * streams.normal((L_, L_), "cpu"))
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.enable_grad():
+        for _ in range(3):
+            state, _ = hmc_step(action, state, streams.normal((L_, L_), "cpu"),
+                                streams.log_uniform("cpu"), INTEGRATORS["leapfrog"], 1.0, 3,
+                                trajectory=fn)
+    assert torch.isfinite(state.S).all()
+
+
 def test_eager_trajectory_is_hmc_steps_own():
     phi_a, acc_a = chain(None, n=10)
     eager = fused.eager_trajectory(TARGET, INTEGRATORS["leapfrog"], 1.0, 5)

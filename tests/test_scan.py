@@ -200,6 +200,27 @@ def finished_scan(tmp_path_factory):
     return tmp, path, rc
 
 
+def test_only_selects_the_matching_jobs_and_what_they_wait_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest, _ = scan.make(tiny_scan(tmp_path), quiet=True)
+    _, entries = scan.read_manifest(manifest)
+    keys = lambda only: [e.key for e in scan.select_entries(entries, only)]  # noqa: E731
+    assert keys([]) == [e.key for e in entries]
+    assert keys(["L4-volume-k3"]) == ["L4-coarse-volume", "L4-volume-k3-train", "L4-volume-k3"]
+    assert keys(["L6-*"]) == [e.key for e in entries if e.key.startswith("L6-")]
+    assert keys(["L8-hmc*", "L6-hmc"]) == ["L6-hmc", "L8-hmc", "L8-hmc-tau2"]
+    with pytest.raises(ValueError, match="L12-"):
+        scan.select_entries(entries, ["L4-*", "L12-*"])
+
+
+def test_only_with_no_matching_job_exits_2_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = tiny_scan(tmp_path)
+    assert scan.main(["run", str(path), "--only", "L12-*"]) == 2
+    assert "L12-*: no job of the manifest matches" in capsys.readouterr().err
+    assert not (tmp_path / "tiny" / "runs").exists()
+
+
 @pytest.mark.slow
 def test_local_runner_runs_every_job_then_skips(finished_scan, monkeypatch, caplog):
     from mpi4py import MPI
@@ -215,6 +236,10 @@ def test_local_runner_runs_every_job_then_skips(finished_scan, monkeypatch, capl
     with caplog.at_level("INFO", logger="hpcflow"):
         assert scan.run_scan(path, comm=MPI.COMM_WORLD) == 0
     assert caplog.text.count("complete, skipped") == 15
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hpcflow"):
+        assert scan.run_scan(path, comm=MPI.COMM_WORLD, only=["L4-volume-k3"]) == 0
+    assert caplog.text.count("complete, skipped") == 3
 
 
 @pytest.mark.slow

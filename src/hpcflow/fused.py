@@ -104,6 +104,19 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
+def _without_grad(fn: Callable) -> Callable:
+    """``fn`` called under ``torch.no_grad()``.  dynamo guards a graph on the grad mode, so
+    a graph compiled in one mode (the example call) is compiled again when called in the
+    other (a production's trajectories): MD needs no gradients, so every call runs in one
+    mode and a process compiles once per shape."""
+
+    def call(*args):
+        with torch.no_grad():
+            return fn(*args)
+
+    return call
+
+
 def compile_trajectory(action, integrator, length: float, n_steps: int,
                        example: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable:
     """The fused trajectory (phi, pi) -> (phi', pi', S(phi')) of ``integrator`` over
@@ -118,19 +131,19 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
             raise CompileUnavailable(f"FlowedAction is not fused: {reason}")
         device = example[0].device if example is not None else "cpu"
         stencil = StencilFlow(action.target, action.flow, device)
-        fa = torch.compile(stencil.force_and_action, dynamic=False, fullgraph=True)
-        fn = stencil_trajectory(stencil, integrator, length, n_steps, fa)
+        fa = _without_grad(torch.compile(stencil.force_and_action, dynamic=False,
+                                         fullgraph=True))
+        fn = _without_grad(stencil_trajectory(stencil, integrator, length, n_steps, fa))
         fn.stencil, fn.force_and_action = stencil, fa  # for the bench's force timing
     elif compilable(action):
-        fn = torch.compile(eager_trajectory(action, integrator, length, n_steps), dynamic=False,
-                           fullgraph=True)
+        fn = _without_grad(torch.compile(eager_trajectory(action, integrator, length, n_steps),
+                                         dynamic=False, fullgraph=True))
     else:
         raise CompileUnavailable(f"{type(action).__name__} is not fused (only Phi4Action and "
                                  "FlowedAction over it)")
     if example is not None:
         try:
-            with torch.no_grad():
-                fn(*example)
+            fn(*example)
         except Exception as err:  # inductor raises many types; all mean "not here"
             raise CompileUnavailable(f"torch.compile failed: {_first_line(err)}") from None
     return fn

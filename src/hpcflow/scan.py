@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
@@ -759,10 +760,27 @@ def job_complete(input_path) -> bool:
     return True
 
 
+def select_entries(entries: list[Entry], only) -> list[Entry]:
+    """The entries whose job name matches one of the shell patterns ``only`` (``L20-*``),
+    with every job they wait for, in manifest order; all entries when ``only`` is empty.
+    A pattern that matches no job is a ValueError."""
+    if not only:
+        return entries
+    unmatched = [p for p in only if not any(fnmatch.fnmatchcase(e.key, p) for e in entries)]
+    if unmatched:
+        raise ValueError(f"--only {', '.join(unmatched)}: no job of the manifest matches")
+    keep = {e.index for e in entries if any(fnmatch.fnmatchcase(e.key, p) for p in only)}
+    for e in reversed(entries):  # a job waits only for earlier lines
+        if e.index in keep:
+            keep.update(e.after)
+    return [e for e in entries if e.index in keep]
+
+
 def run_scan(scan_path, comm=None, force: bool = False, quiet: bool = False,
-             verbose: bool = False) -> int:
+             verbose: bool = False, only=()) -> int:
     """The whole scan in this process (and its MPI ranks), in manifest order: finished jobs
-    are skipped, a failed job's dependants are not started, the others still run."""
+    are skipped, a failed job's dependants are not started, the others still run.  With
+    ``only`` (shell patterns of job names), the matching jobs and those they wait for."""
     from . import run as run_mod
 
     if comm is None:
@@ -774,8 +792,8 @@ def run_scan(scan_path, comm=None, force: bool = False, quiet: bool = False,
         try:
             manifest, _ = make(scan_path, quiet=True)
             base, entries = read_manifest(manifest)
-            result = (str(manifest), str(base), entries, None)
-        except ConfigError as err:
+            result = (str(manifest), str(base), select_entries(entries, only), None)
+        except (ConfigError, ValueError) as err:
             result = (None, None, None, str(err))
     else:
         result = None
@@ -786,8 +804,8 @@ def run_scan(scan_path, comm=None, force: bool = False, quiet: bool = False,
         return 2
     status: dict[int, str] = {}
     t_scan = time.perf_counter()
-    for e in entries:
-        tag = f"[scan] {e.index + 1}/{len(entries)} {e.key}"
+    for i, e in enumerate(entries, 1):
+        tag = f"[scan] {i}/{len(entries)} {e.key}"
         failed = [a for a in e.after if status.get(a) in ("failed", "blocked")]
         if failed:
             status[e.index] = "blocked"
@@ -1174,6 +1192,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("run", help="run every job here (mpirun works), skipping finished ones")
     p.add_argument("scan", help="scan file (INI)")
     p.add_argument("--force", action="store_true", help="recompute every job (hpcflow.run --force)")
+    p.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="run the jobs whose name matches this shell pattern ('L20-*'; "
+                        "repeatable), with the jobs they wait for")
     p = sub.add_parser("refine", help="lengthen finished productions that missed the target error")
     p.add_argument("scan", help="scan file (INI)")
     p.add_argument("--max-factor", type=float, default=8.0, help="most a run grows at once (8)")
@@ -1196,7 +1217,7 @@ def main(argv=None) -> int:
         from mpi4py import MPI
 
         return run_scan(args.scan, comm=MPI.COMM_WORLD, force=args.force, quiet=args.quiet,
-                        verbose=args.verbose)
+                        verbose=args.verbose, only=args.only)
     log_mod.configure(0, args.quiet, args.verbose, stream="stderr")
     try:
         if args.command == "make":
