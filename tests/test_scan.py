@@ -322,6 +322,44 @@ def test_analyse_table_json_figure(finished_scan, tmp_path):
     assert "z = " in p.stdout
 
 
+@pytest.mark.slow
+def test_analyse_takes_points_without_runs_from_an_earlier_analysis(finished_scan, tmp_path,
+                                                                   monkeypatch, capsys):
+    """The finished scan's analysis fills the same scan in another directory, where no job
+    has run: every point comes back whole with its source, the same fits; a point with a
+    run here is not replaced; a changed job or another scan is refused with exit 2."""
+    tmp, _, _ = finished_scan
+    earlier = tmp_path / "earlier.json"
+    old = scan.collect_scan(tmp / "tiny")
+    earlier.write_text(json.dumps(old))
+    monkeypatch.chdir(tmp_path)
+    scan.make(tiny_scan(tmp_path), quiet=True)
+    empty = scan.collect_scan(tmp_path / "tiny")
+    assert len(empty["missing"]) == 10
+    got = scan.collect_scan(tmp_path / "tiny", earlier=[earlier])
+    assert not got["missing"] and got["earlier"] == [str(earlier)]
+    assert {r["job"] for r in got["rows"]} == {r["job"] for r in old["rows"]}
+    assert all(r["source"] == str(earlier) for r in got["rows"])
+    assert [(f["label"], f["z"]) for f in got["fits"]] == [(f["label"], f["z"]) for f in old["fits"]]
+    assert "from the earlier analysis" in scan.scan_table(got)
+    here = scan.collect_scan(tmp / "tiny", earlier=[earlier])
+    assert not here["earlier"] and not any("source" in r for r in here["rows"])
+
+    partial = json.loads(json.dumps(old))
+    partial["rows"] = [r for r in partial["rows"] if r["L"] != 6]
+    for r in partial["rows"]:
+        if r["L"] == 4:
+            r["L"], r["tau_int"] = 6, {"value": 1.0, "error": 0.1}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(partial))
+    with pytest.raises(config_mod.ConfigError, match="L differ from the plan"):
+        scan.collect_scan(tmp_path / "tiny", earlier=[bad])
+    other = json.loads(json.dumps(old)) | {"scan": "another"}
+    bad.write_text(json.dumps(other))
+    assert scan.main(["analyse", str(tmp_path / "tiny"), "--earlier", str(bad)]) == 2
+    assert "an analysis of scan 'another'" in capsys.readouterr().err
+
+
 def test_fit_power_on_synthetic_data():
     """tau = A xi^z with 3 % Gaussian noise: z within 3 sigma of the truth over many draws,
     and the error estimate itself honest (pull width near 1)."""

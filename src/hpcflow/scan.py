@@ -932,10 +932,60 @@ def _series_label(key) -> str:
     return f"FHMC {prior} k={k}"
 
 
-def collect_scan(directory, bench: bool = False) -> dict:
+#: what a job's row must agree on with the plan to be taken from an earlier analysis
+REUSED_KEYS = ("L", "algorithm", "prior", "kernel_size", "length", "steps")
+
+
+def reuse_points(planned: dict, out_rows: list[dict], earlier_paths) -> list[dict]:
+    """Rows from earlier analyses (``scan analyse --json`` files of the same scan) for the
+    points (L) of which this directory has no production at all, e.g. points measured in an
+    earlier allocation whose run directories are gone.  A point is taken whole, from the
+    first file that has it, so its FHMC ratios keep their own HMC reference; each row must
+    match the planned job of its name (beta to 1e-9 and :data:`REUSED_KEYS`), and carries
+    ``source`` = the file.  ConfigError for another scan or a mismatch."""
+    have = {r["L"] for r in out_rows if r["status"] != "missing"}
+    jobs = {j["key"]: j for j in planned["jobs"]}
+    taken: dict[int, list] = {}
+    for path in earlier_paths:
+        path = Path(path)
+        try:
+            old = json.loads(path.read_text())
+            old_rows = old["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(path, None, None, f"not a scan analysis JSON ({e})") from None
+        if old.get("scan") != planned["name"]:
+            raise ConfigError(path, None, None, f"an analysis of scan {old.get('scan')!r}, "
+                              f"not of {planned['name']!r}")
+        found: dict[int, list] = {}
+        for r in old_rows:
+            if r.get("status") == "missing" or r["L"] in have or r["L"] in taken:
+                continue
+            j = jobs.get(r.get("job"))
+            if j is None:
+                raise ConfigError(path, None, None, f"row {r.get('job')!r} is not a job of "
+                                  f"this scan's plan")
+            bad = [k for k in REUSED_KEYS if r.get(k) != j.get(k)]
+            if abs(float(r["beta"]) - float(j["beta"])) > 1e-9:
+                bad.append("beta")
+            if bad:
+                raise ConfigError(path, None, None, f"row {r['job']}: {', '.join(bad)} differ "
+                                  f"from the plan ({', '.join(f'{k} {r.get(k)} != {j.get(k)}' for k in bad)})")
+            found.setdefault(r["L"], []).append(dict(r, source=str(path)))
+        taken.update(found)
+    if not taken:
+        return out_rows
+    rows = [r for r in out_rows if r["L"] not in taken]
+    for L, rs in taken.items():
+        rows.extend(rs)
+    return rows
+
+
+def collect_scan(directory, bench: bool = False, earlier=()) -> dict:
     """The scan analysis of ``directory`` (a scan's output directory with plan.json):
     rows (study row schema, plus ``job``, ``status`` = complete | partial | missing, the
-    error reached against the target, the amortised training cost), fits and missing jobs."""
+    error reached against the target, the amortised training cost), fits and missing jobs.
+    ``earlier``: analysis JSON files whose points fill those with no run here
+    (:func:`reuse_points`)."""
     import h5py
 
     from . import study
@@ -987,6 +1037,8 @@ def collect_scan(directory, bench: bool = False) -> dict:
         c["seconds_per_independent_sample_with_training"] = (
             per + (c["train_rank_seconds_per_independent_sample"] or 0.0) if per is not None else None)
         out_rows.append(r)
+    out_rows = reuse_points(planned, out_rows, earlier)
+    missing = [r["job"] for r in out_rows if r["status"] == "missing"]
     order = {"hmc": 0, "fhmc": 1}
     prior_order = {None: 0, "gaussian": 1, "coarse-volume": 2, "coarse-interleave": 3}
     out_rows.sort(key=lambda r: (r["L"], order[r["algorithm"]], r["length"] or 0,
@@ -1017,7 +1069,8 @@ def collect_scan(directory, bench: bool = False) -> dict:
     return {"scan": planned["name"], "directory": str(directory), "target": target,
             "hpcflow_version": planned.get("hpcflow_version"), "scan_text": planned.get("scan_text"),
             "rows": out_rows, "fits": fits, "missing": missing,
-            "partial": [r["job"] for r in out_rows if r["status"] == "partial"]}
+            "partial": [r["job"] for r in out_rows if r["status"] == "partial"],
+            "earlier": sorted({r["source"] for r in out_rows if r.get("source")})}
 
 
 def _resolve(base: Path, p: str) -> Path:
@@ -1074,6 +1127,9 @@ def scan_table(result: dict) -> str:
         lines.append(f"  {f['label']:26s} z = {paren(f['z'], f['z_error'])}  (L = "
                      f"{','.join(map(str, f['L']))}, chi2/dof = {f['chi2']:.2f}/{f['dof']})"
                      + (f"; ratio ~ xi^{paren(rf['z'], rf['z_error'])}" if rf else ""))
+    for src in result.get("earlier", []):
+        Ls = sorted({r["L"] for r in result["rows"] if r.get("source") == src})
+        lines.append(f"from the earlier analysis {src}: L = {', '.join(map(str, Ls))}")
     if result["missing"]:
         lines.append("missing (no ensemble yet): " + ", ".join(result["missing"]))
     if result["partial"]:
@@ -1211,6 +1267,9 @@ def main(argv=None) -> int:
     p.add_argument("--csv", type=Path, help="write the rows as flat CSV here")
     p.add_argument("--png", type=Path, help="write the figure here")
     p.add_argument("--bench", action="store_true", help="measure the flowed-force cost of every flow")
+    p.add_argument("--earlier", action="append", default=[], type=Path, metavar="JSON",
+                   help="an earlier analysis JSON of this scan: its points with no run here are "
+                        "taken from it, marked with their source (repeatable)")
     log_mod.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.command == "run":
@@ -1234,7 +1293,7 @@ def main(argv=None) -> int:
             for g in submit(args.manifest, script, args.throttle, args.dry_run):
                 print(("would run: " if args.dry_run else f"array {g['job_id']}: ") + " ".join(g["argv"]))
         else:
-            result = collect_scan(args.directory, bench=args.bench)
+            result = collect_scan(args.directory, bench=args.bench, earlier=args.earlier)
             if str(args.json) == "-":
                 print(json.dumps(result, indent=1))
             else:
