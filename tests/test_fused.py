@@ -73,6 +73,32 @@ def test_compiled_once_per_shape(flowed_action):
     assert torch.isfinite(state.S).all()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("reset", [True, False], ids=["new_job", "without"])
+def test_jobs_in_one_process_each_compile(reset):
+    """More jobs than dynamo's recompile limit in one process (scan run): with
+    fused.new_job() before each, every job compiles its own graph; without it the limit is
+    hit (made fatal here, with a limit of 2 instead of 8), which in production silently
+    runs the later jobs eager."""
+    B_, L_ = 2, 4
+    action = Phi4Action(0.5, 0.5)
+    example = (torch.zeros(B_, L_, L_, dtype=torch.float64),
+               torch.ones(B_, L_, L_, dtype=torch.float64))
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        fused.new_job()
+        try:
+            for n_steps in (2, 3, 4):  # three jobs' MD settings
+                if reset:
+                    fused.new_job()
+                fused.compile_trajectory(action, INTEGRATORS["leapfrog"], 1.0, n_steps, example)
+        except fused.CompileUnavailable as err:
+            if "recompile" not in str(err).lower():
+                pytest.skip(f"torch.compile unavailable here: {err}")
+            assert not reset, f"new_job() before each job, yet: {err}"
+            return  # the limit was hit: what new_job prevents
+    assert reset, "three MD settings under a limit of 2 should have hit the recompile limit"
+
+
 def test_eager_trajectory_is_hmc_steps_own():
     phi_a, acc_a = chain(None, n=10)
     eager = fused.eager_trajectory(TARGET, INTEGRATORS["leapfrog"], 1.0, 5)

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -211,6 +212,25 @@ def test_only_selects_the_matching_jobs_and_what_they_wait_for(tmp_path, monkeyp
     assert keys(["L8-hmc*", "L6-hmc"]) == ["L6-hmc", "L8-hmc", "L8-hmc-tau2"]
     with pytest.raises(ValueError, match="L12-"):
         scan.select_entries(entries, ["L4-*", "L12-*"])
+
+
+def test_local_runner_starts_every_job_with_fresh_compile_caches(tmp_path, monkeypatch):
+    """scan run empties dynamo's caches (fused.new_job) before each job it runs, so a long
+    scan in one process never reaches the recompile limit (test_fused checks new_job)."""
+    from mpi4py import MPI
+
+    from hpcflow import fused
+    from hpcflow import run as run_mod
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_scan(tmp_path)
+    calls = []
+    monkeypatch.setattr(fused, "new_job", lambda: calls.append("new_job"))
+    monkeypatch.setattr(run_mod, "main", lambda argv, comm=None: calls.append(argv[0]) or 0)
+    assert scan.run_scan(path, comm=MPI.COMM_WORLD, quiet=True) == 0
+    _, entries = scan.read_manifest(tmp_path / "tiny" / "manifest.tsv")
+    assert [Path(p).name for p in calls[1::2]] == [Path(e.input).name for e in entries]
+    assert calls[0::2] == ["new_job"] * len(entries)
 
 
 def test_only_with_no_matching_job_exits_2_and_runs_nothing(tmp_path, monkeypatch, capsys):

@@ -117,6 +117,17 @@ def _without_grad(fn: Callable) -> Callable:
     return call
 
 
+def new_job() -> None:
+    """Empty dynamo's in-memory caches before a job that shares its process with earlier
+    ones (``scan run``: every job of a scan in one process).  Every compiled trajectory is
+    a closure over the same code object, and dynamo caches graphs per code object: after
+    ``torch._dynamo.config.recompile_limit`` (8) jobs with other shapes or MD settings it
+    stops compiling and runs the rest eager, with only a warning (the continuum scan's
+    16th and later HMC jobs did).  A job is then compiled as in a fresh process; inductor's
+    disk cache is kept."""
+    torch._dynamo.reset()
+
+
 def compile_trajectory(action, integrator, length: float, n_steps: int,
                        example: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable:
     """The fused trajectory (phi, pi) -> (phi', pi', S(phi')) of ``integrator`` over

@@ -781,6 +781,7 @@ def run_scan(scan_path, comm=None, force: bool = False, quiet: bool = False,
     """The whole scan in this process (and its MPI ranks), in manifest order: finished jobs
     are skipped, a failed job's dependants are not started, the others still run.  With
     ``only`` (shell patterns of job names), the matching jobs and those they wait for."""
+    from . import fused
     from . import run as run_mod
 
     if comm is None:
@@ -822,6 +823,7 @@ def run_scan(scan_path, comm=None, force: bool = False, quiet: bool = False,
         if rank == 0:
             logger.info(f"{tag}: running {e.input}")
         t0 = time.perf_counter()
+        fused.new_job()
         try:
             rc = run_mod.main([inp] + (["--verbose"] if verbose else ["--quiet"])
                               + (["--force"] if force else []), comm=comm)
