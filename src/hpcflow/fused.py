@@ -123,7 +123,7 @@ def new_job() -> None:
     a closure over the same code object, and dynamo caches graphs per code object: after
     ``torch._dynamo.config.recompile_limit`` (8) jobs with other shapes or MD settings it
     stops compiling and runs the rest eager, with only a warning (the continuum scan's
-    16th and later HMC jobs did).  A job is then compiled as in a fresh process; inductor's
+    L24-hmc-tau2 and L24-hmc-tau4 did).  A job is then compiled as in a fresh process; inductor's
     disk cache is kept."""
     torch._dynamo.reset()
 

@@ -1007,14 +1007,13 @@ def collect_scan(directory, bench: bool = False, earlier=()) -> dict:
     by_run = {}
     for r in rows:
         by_run.setdefault(str(Path(r["run"]).resolve()), []).append(r)
-    out_rows, missing = [], []
+    out_rows = []
     for j in prod_jobs:
         run = _resolve(base, j["output"])
         stage_file = run / ("hmc.h5" if j["kind"] == "hmc" else "fhmc.h5")
         match = [r for r in by_run.get(str(run.resolve()), [])
                  if Path(r["file"]).name == stage_file.name]
         if not match:
-            missing.append(j["key"])
             out_rows.append({"job": j["key"], "status": "missing", "L": j["L"], "beta": j["beta"],
                              "algorithm": j["algorithm"], "prior": j["prior"],
                              "kernel_size": j["kernel_size"], "length": j["length"],
