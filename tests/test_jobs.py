@@ -164,15 +164,16 @@ def test_run_sbatch_signalled_mid_run_checkpoints_requeues_and_finishes_bit_iden
 
 def test_run_sbatch_at_its_time_limit_requeues_and_finishes_bit_identical(
         slurm, make_input, tmp_path):
-    """A job that reaches its time limit: with --time=1 and --signal=B:USR1@45 SLURM sends
-    USR1 to the batch shell at most 45 s before the limit (it may send it up to a minute
-    early, so possibly while the run is still starting, before its handlers exist: the
-    tasks then end without a checkpoint and the script requeues all the same); the
-    requeued job resumes (and is stopped and requeued again if its minute runs out) until
-    it finishes with the chains of an uninterrupted run.  20000 trajectories take about 50 s
-    of work on a quiet 2-core machine (about 420 per second), more than the first minute
-    leaves after the signal."""
-    log = _requeued_run(slurm, make_input, tmp_path, "--time=1", "--signal=B:USR1@45",
-                        trajectories=20000)
+    """A job that reaches its time limit: with --time=2 and --signal=B:USR1@30 SLURM sends
+    USR1 to the batch shell 30 s before the limit, or up to a minute earlier (so never before
+    30 s into the job, after the run's start-up); the run checkpoints, the script requeues,
+    and the requeued job resumes (and is stopped and requeued again if its time runs out)
+    until it finishes with the chains of an uninterrupted run.  50000 trajectories take about
+    120 s of work on a quiet 2-core machine (about 420 per second), more than one start can do
+    before its signal.  (With --time=1 and @45 the signal could come at every start, before
+    the run was up: the job was requeued for ever; the scripts now stop after 3 such starts,
+    tests/test_job_requeue.py.)"""
+    log = _requeued_run(slurm, make_input, tmp_path, "--time=2", "--signal=B:USR1@30",
+                        trajectories=50000)
     assert ("stopped by SIGUSR1 at trajectory" in log
             or "ended by the time-limit signal during start-up" in log), log
