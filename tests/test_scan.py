@@ -3,6 +3,7 @@ failures that block only their dependants, the analysis and the z fit."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from hpcflow import config as config_mod
-from hpcflow import scan
+from hpcflow import scan, study
 
 #: A tiny scan: L = 4, 6, 8 with given couplings (no tuned line needed), HMC at tau = 1 and
 #: 2, FHMC from a Gaussian (k = 3) everywhere and from the coarse bigger volume at L = 8.
@@ -380,6 +381,41 @@ def test_analyse_takes_points_without_runs_from_an_earlier_analysis(finished_sca
     assert "an analysis of scan 'another'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_analyse_fills_single_jobs_from_an_earlier_analysis(finished_scan, tmp_path, monkeypatch):
+    """Job by job: with only L6-gaussian-k3 run here, the earlier analysis fills the other
+    jobs (with their source), the job here is kept, and its ratio is recomputed against the
+    earlier HMC reference of its point (the rescaling control too)."""
+    tmp, _, _ = finished_scan
+    old = scan.collect_scan(tmp / "tiny")
+    here_tau = next(r for r in old["rows"] if r["job"] == "L6-gaussian-k3")["tau_int"]
+    for r in old["rows"]:
+        if r["job"] == "L6-hmc":
+            r["tau_int"] = {"value": 2 * r["tau_int"]["value"], "error": 2 * r["tau_int"]["error"]}
+            ref_tau = r["tau_int"]
+        if r["job"] == "L6-gaussian-k3":
+            r["tau_int"] = {"value": 1e6, "error": 1.0}  # must not replace the run here
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(old))
+    monkeypatch.chdir(tmp_path)
+    scan.make(tiny_scan(tmp_path), quiet=True)
+    shutil.copytree(tmp / "tiny" / "runs" / "L6-gaussian-k3", tmp_path / "tiny" / "runs" / "L6-gaussian-k3")
+    got = scan.collect_scan(tmp_path / "tiny", earlier=[earlier])
+    assert not got["missing"] and got["earlier"] == [str(earlier)]
+    rows = {r["job"]: r for r in got["rows"]}
+    assert set(rows) == {r["job"] for r in old["rows"]}
+    g = rows["L6-gaussian-k3"]
+    assert "source" not in g and g["tau_int"] == here_tau
+    assert all(r["source"] == str(earlier) for k, r in rows.items() if k != "L6-gaussian-k3")
+    want = study.tau_ratio({"tau_int": ref_tau}, g)
+    assert g["ratio"] == want and math.isclose(want["value"], ref_tau["value"] / here_tau["value"])
+    assert g["ratio_reference"] == rows["L6-hmc"]["file"]
+    assert rows["L6-hmc"]["ratio"] == {"value": 1.0, "error": 0.0}
+    eq = study.hmc_at_length([r for r in got["rows"]], g, g["length"] / g["c_M"]["value"])
+    assert g["hmc_equivalent"] == eq
+    assert rows["L4-gaussian-k3"]["ratio"] == next(r for r in old["rows"] if r["job"] == "L4-gaussian-k3")["ratio"]
+
+
 def test_fit_power_on_synthetic_data():
     """tau = A xi^z with 3 % Gaussian noise: z within 3 sigma of the truth over many draws,
     and the error estimate itself honest (pull width near 1)."""
@@ -431,7 +467,20 @@ def test_refine_lengthens_a_production_and_continues_its_chains(tmp_path, monkey
     assert f"trajectories = {want}" in (tmp_path / "tiny" / "inputs" / "L4-hmc.ini").read_text()
     scan.make(path, quiet=True)  # a later make keeps the refined length
     assert f"trajectories = {want}" in (tmp_path / "tiny" / "inputs" / "L4-hmc.ini").read_text()
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(scan.collect_scan(tmp_path / "tiny")))  # before the extension
     assert scan.run_scan(path, comm=MPI.COMM_WORLD, quiet=True) == 0
     with h5py.File(ens) as f:
         after = f["observables/M"][()]
     assert after.shape[1] == want and np.array_equal(after[:, :n], before)
+
+    # The run directories gone (another allocation): the earlier analysis stands in for the
+    # job, refine lengthens it the same way, and the production, restarted at the longer
+    # length, is the extended chain bit for bit.
+    shutil.rmtree(tmp_path / "tiny")
+    assert scan.refine(path, quiet=True) == {}  # nothing here to refine without --earlier
+    again = scan.refine(path, quiet=True, earlier=[earlier])
+    assert again == now
+    assert scan.run_scan(path, comm=MPI.COMM_WORLD, quiet=True) == 0
+    with h5py.File(ens) as f:
+        assert np.array_equal(f["observables/M"][()], after)

@@ -625,7 +625,7 @@ def budget_table(jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
-def refine(scan_path, max_factor: float = 8.0, quiet: bool = False) -> dict:
+def refine(scan_path, max_factor: float = 8.0, quiet: bool = False, earlier=()) -> dict:
     """Lengthen the finished productions whose tau_int(M) missed the target: with relative
     error e after N trajectories per replica (e ~ N^(-1/2)),
 
@@ -633,8 +633,12 @@ def refine(scan_path, max_factor: float = 8.0, quiet: bool = False) -> dict:
 
     recorded in ``SCAN_DIR/refine.json`` and written into the inputs (``make``).  Running
     the scan again continues the same chains (raising ``trajectories`` extends a finished
-    ensemble, the first N measurements unchanged).  Returns {job: {trajectories, from,
-    error}} of the jobs lengthened now."""
+    ensemble, the first N measurements unchanged).  ``earlier``: analysis JSON files of
+    this scan (``scan analyse --json``) that stand in for the jobs with no run here, e.g.
+    after the run directories of an earlier allocation are gone: such a job's production
+    then restarts at the longer length (the same seeds, so the same chains where its inputs
+    are unchanged) and ``scan analyse --earlier`` takes the other jobs from the same file.
+    Returns {job: {trajectories, from, error}} of the jobs lengthened now."""
     s = load_scan(scan_path)
     out = Path(s.scan.output)
     target = s.statistics.target
@@ -642,22 +646,38 @@ def refine(scan_path, max_factor: float = 8.0, quiet: bool = False) -> dict:
         refined = json.loads((out / REFINE).read_text())
     except (OSError, ValueError):
         refined = {}
+    jobs = plan(s)
+    previous: dict[str, dict] = {}
+    if earlier:
+        planned = {"name": s.scan.name, "jobs": [j.record() for j in jobs]}
+        for path in earlier:
+            for r in _earlier_rows(planned, path):
+                if r.get("status") == "complete" and r["job"] not in previous:
+                    previous[r["job"]] = {"measurements": r["measurements"],
+                                          "tau_int": r["tau_int"]["value"],
+                                          "tau_int_error": r["tau_int"]["error"]}
     now = {}
-    for j in plan(s):
+    for j in jobs:
         if j.kind not in ("hmc", "fhmc"):
             continue
         try:
             js = json.loads((Path(j.output) / "analysis.json").read_text())
         except (OSError, ValueError):
+            js = None
+        if js is not None:
+            entries = js if isinstance(js, list) else [js]
+            e = next((x for x in entries if Path(x.get("file", "")).name == f"{j.kind}.h5"), None)
+            if e is None or e.get("complete") is False:
+                continue  # still running: its error is not final
+            n = e["measurements"]
+            tau, dtau = e["observables"]["M"]["tau_int"], e["observables"]["M"]["tau_int_error"]
+        elif j.key in previous:
+            p = previous[j.key]
+            n, tau, dtau = p["measurements"], p["tau_int"], p["tau_int_error"]
+        else:
             continue
-        entries = js if isinstance(js, list) else [js]
-        e = next((x for x in entries if Path(x.get("file", "")).name == f"{j.kind}.h5"), None)
-        if e is None or e.get("complete") is False:
-            continue  # still running: its error is not final
-        tau, dtau = e["observables"]["M"]["tau_int"], e["observables"]["M"]["tau_int_error"]
         if not tau or not dtau or dtau / tau <= target:
             continue
-        n = e["measurements"]
         want = min(math.ceil(1.1 * n * (dtau / tau / target) ** 2), int(max_factor * n))
         want = _round_up(want)
         if want > n:
@@ -938,47 +958,69 @@ def _series_label(key) -> str:
 REUSED_KEYS = ("L", "algorithm", "prior", "kernel_size", "length", "steps")
 
 
+def _earlier_rows(planned: dict, path: Path) -> list[dict]:
+    """The rows of an earlier analysis JSON of this scan, each checked against the planned
+    job of its name (beta to 1e-9 and :data:`REUSED_KEYS`).  ConfigError for another scan,
+    an unknown job or a mismatch."""
+    path = Path(path)
+    try:
+        old = json.loads(path.read_text())
+        old_rows = old["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(path, None, None, f"not a scan analysis JSON ({e})") from None
+    if old.get("scan") != planned["name"]:
+        raise ConfigError(path, None, None, f"an analysis of scan {old.get('scan')!r}, "
+                          f"not of {planned['name']!r}")
+    jobs = {j["key"]: j for j in planned["jobs"]}
+    rows = []
+    for r in old_rows:
+        if r.get("status") == "missing":
+            continue
+        j = jobs.get(r.get("job"))
+        if j is None:
+            raise ConfigError(path, None, None, f"row {r.get('job')!r} is not a job of "
+                              f"this scan's plan")
+        bad = [k for k in REUSED_KEYS if r.get(k) != j.get(k)]
+        if abs(float(r["beta"]) - float(j["beta"])) > 1e-9:
+            bad.append("beta")
+        if bad:
+            raise ConfigError(path, None, None, f"row {r['job']}: {', '.join(bad)} differ "
+                              f"from the plan ({', '.join(f'{k} {r.get(k)} != {j.get(k)}' for k in bad)})")
+        rows.append(r)
+    return rows
+
+
 def reuse_points(planned: dict, out_rows: list[dict], earlier_paths) -> list[dict]:
     """Rows from earlier analyses (``scan analyse --json`` files of the same scan) for the
-    points (L) of which this directory has no production at all, e.g. points measured in an
-    earlier allocation whose run directories are gone.  A point is taken whole, from the
-    first file that has it, so its FHMC ratios keep their own HMC reference; each row must
-    match the planned job of its name (beta to 1e-9 and :data:`REUSED_KEYS`), and carries
-    ``source`` = the file.  ConfigError for another scan or a mismatch."""
-    have = {r["L"] for r in out_rows if r["status"] != "missing"}
-    jobs = {j["key"]: j for j in planned["jobs"]}
-    taken: dict[int, list] = {}
+    jobs that have no production in this directory, e.g. jobs measured in an earlier
+    allocation whose run directories are gone, or all but the few jobs rerun or lengthened
+    here (``scan refine --earlier``).  A job is taken from the first file that has it and
+    carries ``source`` = the file; a job with a run here (complete or partial) is never
+    replaced.  The ratios and the rescaling controls of every row at a point with a reused
+    row are then recomputed over the merged rows (:func:`hpcflow.study.reference`), so an
+    FHMC job rerun here is compared with the earlier HMC reference of its point, and the
+    other way round.  ConfigError for another scan, an unknown job or a mismatch
+    (:func:`_earlier_rows`)."""
+    from . import study
+
+    have = {r["job"] for r in out_rows if r["status"] != "missing"}
+    taken: dict[str, dict] = {}
     for path in earlier_paths:
-        path = Path(path)
-        try:
-            old = json.loads(path.read_text())
-            old_rows = old["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(path, None, None, f"not a scan analysis JSON ({e})") from None
-        if old.get("scan") != planned["name"]:
-            raise ConfigError(path, None, None, f"an analysis of scan {old.get('scan')!r}, "
-                              f"not of {planned['name']!r}")
-        found: dict[int, list] = {}
-        for r in old_rows:
-            if r.get("status") == "missing" or r["L"] in have or r["L"] in taken:
-                continue
-            j = jobs.get(r.get("job"))
-            if j is None:
-                raise ConfigError(path, None, None, f"row {r.get('job')!r} is not a job of "
-                                  f"this scan's plan")
-            bad = [k for k in REUSED_KEYS if r.get(k) != j.get(k)]
-            if abs(float(r["beta"]) - float(j["beta"])) > 1e-9:
-                bad.append("beta")
-            if bad:
-                raise ConfigError(path, None, None, f"row {r['job']}: {', '.join(bad)} differ "
-                                  f"from the plan ({', '.join(f'{k} {r.get(k)} != {j.get(k)}' for k in bad)})")
-            found.setdefault(r["L"], []).append(dict(r, source=str(path)))
-        taken.update(found)
+        for r in _earlier_rows(planned, path):
+            if r["job"] not in have and r["job"] not in taken:
+                taken[r["job"]] = dict(r, source=str(path))
     if not taken:
         return out_rows
-    rows = [r for r in out_rows if r["L"] not in taken]
-    for L, rs in taken.items():
-        rows.extend(rs)
+    rows = [taken.get(r["job"], r) for r in out_rows]
+    rows += [r for k, r in taken.items() if k not in {q["job"] for q in rows}]
+    mixed = {r["L"] for r in rows if r.get("source")}
+    for r in rows:
+        if r["L"] in mixed and r["status"] != "missing":
+            ref = study.reference([q for q in rows if q["status"] != "missing"], r)
+            if ref is not None:
+                r["ratio"] = study.tau_ratio(ref, r)
+                r["ratio_reference"] = ref["file"]
+            study.add_rescaling_control([q for q in rows if q["status"] != "missing"], r)
     return rows
 
 
@@ -1255,6 +1297,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("refine", help="lengthen finished productions that missed the target error")
     p.add_argument("scan", help="scan file (INI)")
     p.add_argument("--max-factor", type=float, default=8.0, help="most a run grows at once (8)")
+    p.add_argument("--earlier", action="append", default=[], type=Path, metavar="JSON",
+                   help="an earlier analysis JSON of this scan: it stands in for the jobs with "
+                        "no run here (repeatable)")
     p = sub.add_parser("submit", help="submit a manifest as SLURM arrays (jobs/scan.sbatch calls it)")
     p.add_argument("manifest")
     p.add_argument("--script", default="jobs/scan.sbatch", help="the array job script")
@@ -1283,7 +1328,7 @@ def main(argv=None) -> int:
         if args.command == "make":
             make(args.scan, quiet=args.quiet)
         elif args.command == "refine":
-            refine(args.scan, args.max_factor, quiet=args.quiet)
+            refine(args.scan, args.max_factor, quiet=args.quiet, earlier=args.earlier)
         elif args.command == "check":
             base, entries = read_manifest(args.manifest)
             for e in entries:

@@ -271,7 +271,9 @@ def reference(rows, row) -> dict | None:
     return min(refs, key=lambda r: r["steps"] or 0) if refs else None
 
 
-def _ratio(ref, row) -> dict:
+def tau_ratio(ref, row) -> dict:
+    """tau_int(M) of ``ref`` over that of ``row``, r = a / b with dr / r =
+    sqrt((da / a)^2 + (db / b)^2) (independent ensembles); 1 exactly for the row itself."""
     if ref is row:
         return {"value": 1.0, "error": 0.0}
     a, da = ref["tau_int"]["value"], ref["tau_int"]["error"]
@@ -322,7 +324,7 @@ def add_rescaling_control(rows, row):
     eq = hmc_at_length(rows, row, row["length"] / c)
     row["hmc_equivalent"] = eq
     if eq is not None and row["tau_int"]["value"]:
-        row["gain_beyond_rescaling"] = _ratio({"tau_int": eq["tau_int"]}, row)
+        row["gain_beyond_rescaling"] = tau_ratio({"tau_int": eq["tau_int"]}, row)
 
 
 def _mul(*xs):
@@ -376,7 +378,7 @@ def collect(dirs, bench: bool = True, bench_device: str = "cpu",
     for row in rows:
         ref = reference(rows, row)
         if ref is not None:
-            row["ratio"] = _ratio(ref, row)
+            row["ratio"] = tau_ratio(ref, row)
             row["ratio_reference"] = ref["file"]
     for row in rows:
         add_rescaling_control(rows, row)
