@@ -67,7 +67,7 @@ def test_missing_compiler_is_a_note(tmp_path, capsys):
     assert "no C compiler 'no-such-cc-hpcflow'" in r["reference"]["skipped"]
     assert all("reference" not in row and "ratio_to_reference" not in row for row in r["hmc"])
     assert r["targets"]["hmc_B64_L16_over_reference"] == {"target": ">= 0.4", "value": None,
-                                                          "pass": None}
+                                                          "pass": None, "momenta_bound": None}
     assert "no C compiler" in capsys.readouterr().out
 
 
@@ -81,7 +81,8 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
     taken (torch.compile replaced by the identity, to keep the test fast)."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     out = tmp_path / "b.json"
-    assert bench.main([*TINY, "--no-memory", "--no-scaling", "--out", str(out)]) == 0
+    assert bench.main([*TINY, "--no-memory", "--no-scaling", "--chunk-sites", "48",
+                       "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert {"machine", "settings", "reference", "hmc", "fhmc", "targets",
             "total_seconds"} <= set(r)
@@ -97,6 +98,15 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
         assert set(cell["ratio_to_reference"]) == {"eager_hmc_step", "eager_trajectory",
                                                    "compiled_hmc_step", "compiled_trajectory"}
         assert cell["best_ratio_to_reference"] > 0
+        # 48 sites a call: L = 6, B = 3 (108 sites) runs one replica at a time
+        assert cell["compiled"]["chunk_rows"] == (1 if (cell["L"], cell["B"]) == (6, 3) else cell["B"])
+        assert ("unchunked" in cell["compiled"]) == ((cell["L"], cell["B"]) == (6, 3))
+        m = cell["momenta"]
+        assert m["ns_per_normal"] == pytest.approx(1e9 * m["seconds"] / (cell["B"] * cell["L"] ** 2))
+        assert m["bound_ratio_to_reference"] == pytest.approx(cell["reference"]["seconds"] / m["seconds"])
+        assert m["fraction_of_compiled_hmc_step"] == pytest.approx(
+            m["seconds"] / cell["compiled"]["hmc_step_seconds"])
+    assert r["targets"]["hmc_B64_L16_over_reference"]["momenta_bound"] is None  # no B = 64 cell
     f = r["fhmc"]
     assert f["flow"]["kernel_size"] == 3 and f["flow"]["layers"] == 1 and f["flow"]["hidden"] == []
     assert {"eager_per_trajectory", "eager_per_force", "best_per_trajectory",

@@ -73,6 +73,53 @@ def test_compiled_once_per_shape(flowed_action):
     assert torch.isfinite(state.S).all()
 
 
+def test_chunk_rows(monkeypatch):
+    """ceil(B sites / chunk_sites) chunks of equal size; the whole batch on a GPU, when it
+    fits, or without chunking."""
+    assert fused.chunk_rows(7, 16, "cpu", 48) == 3           # 112 sites: 3 chunks of 3, 3, 1
+    assert fused.chunk_rows(1024, 4096, "cpu", 16384) == 4   # L = 64: 4 replicas a chunk
+    assert fused.chunk_rows(64, 256, "cpu", 16384) == 64     # L = 16, B = 64: one call
+    assert fused.chunk_rows(3, 100, "cpu", 10) == 1
+    assert fused.chunk_rows(7, 16, "cuda", 48) == 7
+    assert fused.chunk_rows(7, 16, "cpu", 0) == 7
+    assert fused.chunk_rows(1024, 4096, "cpu") == 16         # module values: L = 64, B = 1024
+    assert fused.chunk_rows(256, 4096, "cpu") == 256         # 2^20 sites fit: one call
+    monkeypatch.setattr(fused, "CPU_CHUNK_SITES", 48)  # None: the module's values
+    monkeypatch.setattr(fused, "CPU_CHUNK_ABOVE", 100)
+    assert fused.chunk_rows(7, 16, "cpu") == 3               # 112 > 100 sites: chunks of 48
+    assert fused.chunk_rows(6, 16, "cpu") == 6               # 96 <= 100: one call
+
+
+@pytest.mark.slow
+def test_chunked_trajectory_is_the_whole_batch_bit_for_bit():
+    """A batch run in chunks of replicas (the last one padded) gives the unchunked compiled
+    trajectory bit for bit and the eager one to 1e-12, and is compiled once (dynamo refuses
+    any recompilation over chained hmc steps)."""
+    B_, L_ = 7, 4
+    streams = ReplicaStreams(9, range(B_), "chunks")
+    phi, pi = 0.5 * streams.normal((L_, L_), "cpu"), streams.normal((L_, L_), "cpu")
+    integ = INTEGRATORS["leapfrog"]
+    try:
+        fused.new_job()
+        whole = fused.compile_trajectory(TARGET, integ, 1.0, 4, (phi, pi), chunk_sites=0)
+        fused.new_job()
+        parts = fused.compile_trajectory(TARGET, integ, 1.0, 4, (phi, pi), chunk_sites=48)
+    except fused.CompileUnavailable as err:
+        pytest.skip(f"torch.compile unavailable here: {err}")
+    assert parts.rows == 3 and not hasattr(whole, "rows")
+    got, want = parts(phi, pi), whole(phi, pi)
+    eager = fused.eager_trajectory(TARGET, integ, 1.0, 4)(phi, pi)
+    for g, w, e in zip(got, want, eager):
+        assert g.shape == w.shape and torch.equal(g, w)
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    state = init_state(TARGET, phi)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.enable_grad():
+        for _ in range(3):
+            state, info = hmc_step(TARGET, state, streams.normal((L_, L_), "cpu"),
+                                   streams.log_uniform("cpu"), integ, 1.0, 4, trajectory=parts)
+    assert torch.isfinite(state.S).all() and info.accepted.shape == (B_,)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("reset", [True, False], ids=["new_job", "without"])
 def test_jobs_in_one_process_each_compile(reset):

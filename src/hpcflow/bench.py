@@ -8,8 +8,11 @@ n MD steps per trajectory, divided by the seconds of one batch trajectory.
     For every L of ``--Ls`` (16, 64) and B of ``--batches`` (1, 64, 256, 1024): HMC with
     leapfrog, ``--steps`` (10) steps of length 1, on a batch [B, L, L]:
 
-    - ``eager`` and ``compiled`` (the fused trajectory of :mod:`hpcflow.fused`, compiled once
-      per shape, its ``compile_seconds`` reported apart and not in any rate): the full
+    - ``eager`` and ``compiled`` (the fused trajectory of :mod:`hpcflow.fused` as a
+      production runs it, compiled once per shape, its ``compile_seconds`` reported apart
+      and not in any rate; on a CPU a batch of more than ``fused.CPU_CHUNK_ABOVE`` sites
+      runs in chunks of ``chunk_rows`` replicas, and ``unchunked`` is the same trajectory
+      in one call, for comparison): the full
       ``hmc_step`` (momenta from the replicas' streams, trajectory, Metropolis), and the
       trajectory alone (phi, pi) -> (phi', pi', S(phi'));
     - ``reference``: the same trajectory by a C loop (``ref/leapfrog.c``, one pass over the
@@ -18,7 +21,11 @@ n MD steps per trajectory, divided by the seconds of one batch trajectory.
       against hpcflow's eager trajectory from the same (phi, pi): phi and pi to
       ``REF_TOLERANCE`` (1e-12) absolute, S to 1e-12 relative; only then timed.  Without a C
       compiler (or if it fails) the reference is skipped with a note and the ratios are None.
-    - ``ratio_to_reference``: hpcflow's rate / the reference's rate for each path.
+    - ``ratio_to_reference``: hpcflow's rate / the reference's rate for each path;
+    - ``momenta``: the seconds hmc_step spends drawing its random numbers from the replicas'
+      streams (B L^2 normals, B uniforms), ns per normal, the fraction of the compiled
+      hmc_step, and ``bound_ratio_to_reference`` = reference / momenta seconds, the ceiling
+      of ``ratio_to_reference`` that drawing them sets however fast the trajectory is.
 ``fhmc``
     FHMC over the minimal flow (k = 3, one coupling layer, no hidden channels; generic
     weights) against HMC at L = ``--fhmc-L`` (16), B = ``--fhmc-batch`` (64): seconds per
@@ -43,7 +50,7 @@ n MD steps per trajectory, divided by the seconds of one batch trajectory.
 ``targets``
     The issue's targets as ratios with pass flags (None where not measured):
     HMC at B = 64, L = 16 >= 40% of the reference, at L = 64 >= 50% (the full HMC step,
-    best path); FHMC / HMC per trajectory <= 2 (best / best); weak scaling >= 90%;
+    best path; ``momenta_bound`` the most the random numbers alone allow, see ``momenta``); FHMC / HMC per trajectory <= 2 (best / best); weak scaling >= 90%;
     replica trajectories per second at B = 1024 >= those at B = 64 (per L, best path).
 ``machine``
     CPU model, cores, load averages before and after, torch and threads, the C compiler.
@@ -249,8 +256,11 @@ def _path_rates(step, traj, sites: int, B: int, device, args) -> dict:
             "trajectory_seconds": tsec, "trajectory_site_steps_per_second": sites / tsec}
 
 
-def compile_for_shape(action, steps: int, example) -> tuple[object, dict]:
-    """The fused trajectory compiled for one batch shape: (function or None, info).
+def compile_for_shape(action, steps: int, example, chunk_sites: int | None = None
+                      ) -> tuple[object, dict]:
+    """The fused trajectory compiled for one batch shape: (function or None, info), as a
+    production compiles it (chunked in replicas on a CPU, :func:`hpcflow.fused.chunk_rows`;
+    ``chunk_sites`` 0: the whole batch in one call).
 
     dynamo's caches are reset first (inductor's disk cache is kept), so each shape is one
     fresh compilation, timed apart (``compile_seconds``), and the process never reaches
@@ -261,11 +271,30 @@ def compile_for_shape(action, steps: int, example) -> tuple[object, dict]:
     g0 = _graphs()
     t0 = time.perf_counter()
     try:
-        fn = fused.compile_trajectory(action, INTEGRATORS["leapfrog"], 1.0, steps, example)
+        fn = fused.compile_trajectory(action, INTEGRATORS["leapfrog"], 1.0, steps, example,
+                                      chunk_sites=chunk_sites)
     except fused.CompileUnavailable as err:
         return None, {"unavailable": str(err)}
     return fn, {"compile_seconds": time.perf_counter() - t0, "graphs_before_timing": _graphs() - g0,
-                "_g0": g0}
+                "chunk_rows": getattr(fn, "rows", example[0].shape[0]), "_g0": g0}
+
+
+def momenta_cost(B: int, L: int, device, args) -> dict:
+    """Seconds to draw one trajectory's random numbers the way a production does: B x L^2
+    momenta and B Metropolis numbers from the replicas' own streams
+    (:class:`hpcflow.rng.ReplicaStreams`, PCG64 with numpy's ziggurat normals), with
+    the nanoseconds per normal.  Every hmc_step pays it, so ``bound_ratio_to_reference``
+    = reference seconds / these seconds is the most any fused trajectory can reach in
+    ``ratio_to_reference`` while the momenta come from these streams."""
+    streams = ReplicaStreams(3, range(B), "bench-momenta")
+
+    def draw():
+        streams.normal((L, L), device)
+        streams.log_uniform(device)
+
+    sec = best_seconds(draw, device, args.min_seconds, args.repeat)
+    return {"seconds": sec, "ns_per_normal": 1e9 * sec / (B * L * L),
+            "fraction_of_compiled_hmc_step": None}
 
 
 def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) -> dict:
@@ -279,7 +308,7 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
     row["eager"] = _path_rates(hmc_runner(action, B, L, args.steps, device),
                                lambda: eager(phi0, pi0), sites, B, device, args)
     if args.compile:
-        fn, info = compile_for_shape(action, args.steps, (phi0, pi0))
+        fn, info = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites)
         if fn is not None:
             g0 = info.pop("_g0")
             info |= _path_rates(hmc_runner(action, B, L, args.steps, device, trajectory=fn),
@@ -287,7 +316,16 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
             # 1: the timed trajectories (hmc_step's states, other tensors of the same
             # shape) reused the one compilation
             info["graphs_compiled"] = _graphs() - g0
+            if info["chunk_rows"] < B:  # what the chunks gain: the same batch in one call
+                whole, w = compile_for_shape(action, args.steps, (phi0, pi0), chunk_sites=0)
+                if whole is not None:
+                    info["unchunked"] = {
+                        "compile_seconds": w["compile_seconds"],
+                        "trajectory_site_steps_per_second":
+                            sites / best_seconds(lambda: whole(phi0, pi0), device,
+                                                 args.min_seconds, args.repeat)}
         row["compiled"] = info
+    row["momenta"] = momenta_cost(B, L, device, args)
     if ref is not None:
         phi_r, pi_r = (t.detach().to("cpu", copy=True).contiguous() for t in (phi0, pi0))
         S_r = torch.empty(B, dtype=torch.float64)
@@ -301,6 +339,11 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
                 ratios[f"{path}_hmc_step"] = sec / r["hmc_step_seconds"]
                 ratios[f"{path}_trajectory"] = sec / r["trajectory_seconds"]
         row["ratio_to_reference"] = ratios
+        # what hmc_step could reach were the trajectory and the Metropolis test free
+        row["momenta"]["bound_ratio_to_reference"] = sec / row["momenta"]["seconds"]
+    if "hmc_step_seconds" in row.get("compiled", {}):
+        row["momenta"]["fraction_of_compiled_hmc_step"] = (row["momenta"]["seconds"]
+                                                           / row["compiled"]["hmc_step_seconds"])
     best = max((row[p] for p in ("eager", "compiled") if "hmc_step_seconds" in row.get(p, {})),
                key=lambda r: r["hmc_site_steps_per_second"])
     row["best_path"] = "compiled" if best is row.get("compiled") else "eager"
@@ -322,13 +365,18 @@ def hmc_line(r: dict) -> str:
             f"{c['compile_seconds'] if 'compile_seconds' in c else float('nan'):8.1f} "
             f"{m(r.get('reference', {}).get('site_steps_per_second'))} "
             f"{ratio if ratio is not None else float('nan'):8.3f} "
-            f"{r['best_replica_trajectories_per_second']:10.0f}")
+            f"{r['best_replica_trajectories_per_second']:10.0f} "
+            f"{r['momenta']['ns_per_normal']:7.1f} "
+            f"{r['momenta'].get('bound_ratio_to_reference', float('nan')):7.3f}")
 
 
 HMC_HEADER = (f"{'L':>4s} {'B':>6s} {'eagerHMC':>9s} {'eagerMD':>9s} {'compHMC':>9s} "
               f"{'compMD':>9s} {'compile':>8s} {'C ref':>9s} {'best/ref':>8s} {'repl tr/s':>10s}"
+              f" {'RNG ns':>7s} {'RNG cap':>7s}"
               "\n  (M site-steps/s; HMC = full hmc_step, MD = the trajectory alone; compile in s;"
-              " best/ref = best HMC step / C reference)")
+              " best/ref = best HMC step / C reference;\n  RNG ns = ns per momentum drawn from"
+              " the replicas' streams; RNG cap = C reference / drawing them, the most best/ref"
+              " can reach)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -569,7 +617,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def memory_probe(L: int, B: int, mode: str, steps: int, device) -> dict:
+def memory_probe(L: int, B: int, mode: str, steps: int, device, chunk_sites=None) -> dict:
     """Run in a fresh process (``--memory-probe L,B,MODE``): the peak RSS of a few HMC steps
     of B chains (and the peak of CUDA allocations on a GPU).
 
@@ -580,7 +628,7 @@ def memory_probe(L: int, B: int, mode: str, steps: int, device) -> dict:
     action = Phi4Action(0.634, 0.5)
     traj = None
     if mode == "compiled":
-        fn, info = compile_for_shape(action, steps, start_point(B, L, device))
+        fn, info = compile_for_shape(action, steps, start_point(B, L, device), chunk_sites)
         if fn is None:
             return info
         traj = fn
@@ -625,6 +673,8 @@ def bench_memory(args, device) -> dict:
             cmd = [sys.executable, "-m", "hpcflow.bench", "--memory-probe", f"{L},{B},{mode}",
                    "--steps", str(args.steps), "--device", args.device,
                    "--threads", str(args.threads)]
+            if args.chunk_sites is not None:
+                cmd += ["--chunk-sites", str(args.chunk_sites)]
             r = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
             if r.returncode != 0:
                 tail = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
@@ -739,7 +789,8 @@ def targets(result: dict) -> dict:
     for L, need in ((16, 0.40), (64, 0.50)):
         r = cells.get((L, 64), {})
         t[f"hmc_B64_L{L}_over_reference"] = {
-            "target": f">= {need}", **_flag(r.get("best_ratio_to_reference"), lambda v: v >= need)}
+            "target": f">= {need}", **_flag(r.get("best_ratio_to_reference"), lambda v: v >= need),
+            "momenta_bound": r.get("momenta", {}).get("bound_ratio_to_reference")}
     f = result.get("fhmc", {}).get("ratios", {})
     t["fhmc_over_hmc_per_trajectory"] = {"target": "<= 2",
                                          **_flag(f.get("best_per_trajectory"), lambda v: v <= 2)}
@@ -842,6 +893,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cc", default="cc", help="C compiler of the reference loop")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the torch.compile paths")
+    ap.add_argument("--chunk-sites", type=int, metavar="N",
+                    help="CPU: most sites per call of the compiled HMC trajectory (a larger "
+                         "batch runs in chunks of replicas; 0: never; default: "
+                         "hpcflow.fused.CPU_CHUNK_SITES above CPU_CHUNK_ABOVE sites, what "
+                         "productions use)")
     ap.add_argument("--no-reference", dest="reference", action="store_false")
     ap.add_argument("--no-fhmc", dest="fhmc", action="store_false")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
@@ -868,7 +924,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.memory_probe:
         L, B, mode = args.memory_probe.split(",")
-        print(json.dumps(memory_probe(int(L), int(B), mode, args.steps, device)))
+        print(json.dumps(memory_probe(int(L), int(B), mode, args.steps, device, args.chunk_sites)))
         return 0
 
     result = {"machine": machine(args.cc),

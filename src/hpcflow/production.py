@@ -314,8 +314,10 @@ def _trajectory(cfg, world, section, spec, phi):
         raise StageError(f"{cfg.path}: [run] compile = on: {err}") from None
     if not is_fused:
         return None
+    rows = getattr(fn, "rows", None)
+    chunks = f", in chunks of {rows}" if rows else ""
     logger.info(f"[{spec.stage}] fused trajectory compiled in {time.perf_counter() - t0:.1f} s "
-                f"(torch.compile, {len(phi)} chains on rank {world.rank})")
+                f"(torch.compile, {len(phi)} chains on rank {world.rank}{chunks})")
     return fn
 
 
