@@ -155,14 +155,24 @@ class Slurm:
             states[key] = kv.get("JobState", "?")
         return states
 
-    def wait(self, jobs, timeout: float = 300.0) -> dict[str, dict[str, str]]:
-        """Wait until no task of ``jobs`` is pending or running; their final states."""
+    def wait(self, jobs, timeout: float = 300.0, release_requeued: bool = False
+             ) -> dict[str, dict[str, str]]:
+        """Wait until no task of ``jobs`` is pending or running; their final states.
+
+        ``release_requeued``: a requeued job waits about 2 minutes (its BeginTime) before
+        SLURM starts it again; start it now instead (``scontrol update StartTime=now``), so
+        that a test of the requeue path does not spend its time idle."""
         live = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"}
         t0 = time.monotonic()
         while True:
             states = {j: self.state(j) for j in jobs}
             if not any(s in live for st in states.values() for s in st.values()):
                 return states
+            if release_requeued:
+                for j in jobs:
+                    p = self.run("squeue", "-h", "-j", str(j), "-o", "%T %r", check=False)
+                    if p.stdout.split() == ["PENDING", "BeginTime"]:
+                        self.run("scontrol", "update", f"JobId={j}", "StartTime=now", check=False)
             if time.monotonic() - t0 > timeout:
                 diagnostics = slurm_script("diagnose").stdout
                 SLURM_REPORT.append(f"jobs {jobs} still live after {timeout} s:\n{diagnostics}")

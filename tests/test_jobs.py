@@ -3,6 +3,9 @@
 These tests submit with ``sbatch`` and wait for the scheduler; they skip, with the reason,
 where no SLURM can be started (conftest ``slurm`` fixture)."""
 
+import math
+import os
+import shutil
 import sys
 
 import h5py
@@ -39,8 +42,13 @@ def test_run_sbatch_two_tasks_with_mpi_default_none(slurm, make_input, tmp_path)
     ref = make_input(name="ref", L=6, replicas=4, trajectories=40, thermalization=10,
                      save_every=0).read_text().replace(str(tmp_path / "out"), str(tmp_path / "ref"))
     (tmp_path / "ref.ini").write_text(ref)
-    subprocess.run([sys.executable, "-m", "hpcflow.run", str(tmp_path / "ref.ini"), "--quiet"],
-                   check=True, cwd=tmp_path)
+    # the uninterrupted run on 2 ranks as the job (half the wall time of one process; the
+    # chains do not depend on the rank count, tests/test_mpi.py)
+    mpi = (["mpirun", "--oversubscribe", "-n", "2", sys.executable, "-m", "mpi4py"]
+           if shutil.which("mpirun") else [sys.executable])
+    root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    subprocess.run([*mpi, "-m", "hpcflow.run", str(tmp_path / "ref.ini"), "--quiet"],
+                   check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", **root})
     with h5py.File(tmp_path / "ref" / "hmc.h5", "r") as f:
         assert np.array_equal(f["observables/M"][()], M_slurm)
 
@@ -110,6 +118,27 @@ def test_scan_sbatch_arrays_dependencies_and_a_failed_task(slurm, tmp_path):
     assert f"--array={index['L6-gaussian-k3']}%" in p.stdout
 
 
+def _trajectories_for(seconds: float, tmp_path, **kw) -> int:
+    """Trajectories that keep a rank with 2 replicas of the job's input busy for about
+    ``seconds`` on this machine now: a calibration run of the same input (2 replicas, one
+    process, as each of the job's 2 tasks runs) measures its own ``/cost/seconds``, rounded
+    up to a thousand.  A fixed count was wrong by more than 2x between a loaded and a quiet
+    machine (50000 trajectories took 120 s, then 52 s)."""
+    import subprocess
+
+    from conftest import write_input
+
+    n = 4000
+    cal = tmp_path / "calibrate"
+    cal.mkdir()
+    ini = write_input(cal, "calibrate", **dict(kw, replicas=2, trajectories=n, save_every=0))
+    subprocess.run([sys.executable, "-m", "hpcflow.run", str(ini), "--quiet"], check=True,
+                   cwd=cal, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with h5py.File(cal / "out" / "hmc.h5", "r") as f:
+        rate = n / float(f["cost/seconds"][0])
+    return 1000 * math.ceil(rate * seconds / 1000)
+
+
 def _requeued_run(slurm, make_input, tmp_path, *sbatch_args, trajectories=6000,
                   signal_when_running=False):
     """Submit jobs/run.sbatch for a run of L = 6, 4 replicas on 2 tasks, optionally send USR1 to its batch shell once the run prints
@@ -132,7 +161,7 @@ def _requeued_run(slurm, make_input, tmp_path, *sbatch_args, trajectories=6000,
             assert time.monotonic() - t0 < 300, slurm.run("scontrol", "show", "job", job).stdout
             time.sleep(0.5)
         slurm.run("scancel", "--batch", "--signal=USR1", job)
-    states = slurm.wait([job], timeout=900)
+    states = slurm.wait([job], timeout=900, release_requeued=True)
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert set(states[job].values()) == {"COMPLETED"}, log
     info = slurm.run("scontrol", "-o", "show", "job", job).stdout
@@ -141,8 +170,13 @@ def _requeued_run(slurm, make_input, tmp_path, *sbatch_args, trajectories=6000,
 
     ref = make_input(name="ref", **kw).read_text().replace(str(tmp_path / "out"), str(tmp_path / "ref"))
     (tmp_path / "ref.ini").write_text(ref)
-    subprocess.run([sys.executable, "-m", "hpcflow.run", str(tmp_path / "ref.ini"), "--quiet"],
-                   check=True, cwd=tmp_path)
+    # the uninterrupted run on 2 ranks as the job (half the wall time of one process; the
+    # chains do not depend on the rank count, tests/test_mpi.py)
+    mpi = (["mpirun", "--oversubscribe", "-n", "2", sys.executable, "-m", "mpi4py"]
+           if shutil.which("mpirun") else [sys.executable])
+    root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    subprocess.run([*mpi, "-m", "hpcflow.run", str(tmp_path / "ref.ini"), "--quiet"],
+                   check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", **root})
     got, want = chain_datasets(tmp_path / "out" / "hmc.h5"), chain_datasets(tmp_path / "ref" / "hmc.h5")
     assert got.keys() == want.keys()
     for name in want:
@@ -168,12 +202,14 @@ def test_run_sbatch_at_its_time_limit_requeues_and_finishes_bit_identical(
     USR1 to the batch shell 30 s before the limit, or up to a minute earlier (so never before
     30 s into the job, after the run's start-up); the run checkpoints, the script requeues,
     and the requeued job resumes (and is stopped and requeued again if its time runs out)
-    until it finishes with the chains of an uninterrupted run.  50000 trajectories take about
-    120 s of work on a quiet 2-core machine (about 420 per second), more than one start can do
-    before its signal.  (With --time=1 and @45 the signal could come at every start, before
-    the run was up: the job was requeued for ever; the scripts now stop after 3 such starts,
-    tests/test_job_requeue.py.)"""
+    until it finishes with the chains of an uninterrupted run.  The run has about 120 s of
+    work, more than one start can do before its signal (at most 90 s into it).  (With --time=1 and @45 the signal
+    could come at every start, before the run was up: the job was requeued for ever; the
+    scripts now stop after 3 such starts, tests/test_job_requeue.py.)"""
+    # 120 s of work (calibrated here, :func:`_trajectories_for`): more than a start reaches
+    # before its signal (at most 90 s), whatever the machine's speed
+    n = _trajectories_for(120.0, tmp_path, L=6, thermalization=10, checkpoint_every=2000)
     log = _requeued_run(slurm, make_input, tmp_path, "--time=2", "--signal=B:USR1@30",
-                        trajectories=50000)
+                        trajectories=n)
     assert ("stopped by SIGUSR1 at trajectory" in log
             or "ended by the time-limit signal during start-up" in log), log
