@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -94,6 +95,9 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
             assert cell[path]["hmc_site_steps_per_second"] > 0
             assert cell[path]["trajectory_site_steps_per_second"] > 0
         assert {"compile_seconds", "graphs_compiled"} <= set(cell["compiled"])
+        # the step and the trajectory alone, each compiled once for the cell's shape
+        assert cell["compiled"]["graphs_before_timing"] == 1
+        assert cell["compiled"]["graphs_compiled"] == 2
         assert cell["reference"]["site_steps_per_second"] > 0
         assert set(cell["ratio_to_reference"]) == {"eager_hmc_step", "eager_trajectory",
                                                    "compiled_hmc_step", "compiled_trajectory"}
@@ -147,7 +151,8 @@ def test_memory_and_weak_scaling(tmp_path):
     out = tmp_path / "b.json"
     assert bench.main([*TINY, "--no-compile", "--no-fhmc", "--no-reference", "--Ls", "8",
                        "--batches", "2,16", "--scaling-L", "4", "--scaling-replicas", "2",
-                       "--scaling-trajectories", "20", "--out", str(out)]) == 0
+                       "--scaling-trajectories", "20", "--scaling-repeat", "2",
+                       "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     m = r["memory"]
     assert (m["L"], m["B"], m["B_ref"]) == (8, 16, 2)
@@ -159,3 +164,8 @@ def test_memory_and_weak_scaling(tmp_path):
         assert w["skipped"] == "no mpirun on PATH"
     else:
         assert set(w["seconds_by_ranks"]) == {"1", "2"} and w["efficiency"] > 0, w
+        runs = w["runs_seconds_by_ranks"]
+        assert w["repeat"] == 2 and [len(runs["1"]), len(runs["2"])] == [2, 2]
+        assert w["efficiency"] == pytest.approx(statistics.median(runs["1"])
+                                                / statistics.median(runs["2"]))
+        assert w["efficiency_by_pair"] == pytest.approx([a / b for a, b in zip(runs["1"], runs["2"])])

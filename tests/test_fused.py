@@ -112,6 +112,19 @@ def test_chunked_trajectory_is_the_whole_batch_bit_for_bit():
     for g, w, e in zip(got, want, eager):
         assert g.shape == w.shape and torch.equal(g, w)
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    # the fused step (trajectory + Metropolis test): chunked = whole, bit for bit, and the
+    # eager step to 1e-12 with the same decisions; log_u straddles -dH so both outcomes occur
+    S, log_u = TARGET.action(phi), torch.linspace(-0.3, 0.3, B_, dtype=torch.float64)
+    got = parts.step(phi, S, pi, log_u)
+    want = whole.step(phi, S, pi, log_u)
+    eager = fused.eager_step(TARGET, integ, 1.0, 4)(phi, S, pi, log_u)
+    for g, w, e in zip(got, want, eager):
+        assert g.shape == w.shape == e.shape and torch.equal(g, w)
+        if g.dtype == torch.bool:
+            assert torch.equal(g, e)
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert 0 < int(got[3].sum()) < B_, got[2]
     state = init_state(TARGET, phi)
     with torch._dynamo.config.patch(error_on_recompile=True), torch.enable_grad():
         for _ in range(3):

@@ -45,8 +45,12 @@ n MD steps per trajectory, divided by the seconds of one batch trajectory.
     A small HMC production (``python -m hpcflow.run``, L = 16, ``--scaling-replicas`` per
     rank, eager) under ``mpirun --oversubscribe -n 1`` and ``-n 2`` with the same replicas
     per rank; efficiency = seconds(1 rank) / seconds(2 ranks), the seconds being the
-    production's own ``/cost/seconds`` (start-up and imports excluded).  Without ``mpirun``
-    it is skipped and the command is recorded.
+    production's own ``/cost/seconds`` (start-up and imports excluded).  The pair runs
+    ``--scaling-repeat`` times, 1 and 2 ranks alternating (so that a disturbance of the
+    machine lasting minutes falls on both); ``efficiency`` is median(1-rank seconds) /
+    median(2-rank seconds), with every run's seconds and each pair's efficiency kept
+    (``efficiency_by_pair``: its spread is the measurement's).  Without ``mpirun`` it is
+    skipped and the command is recorded.
 ``targets``
     The issue's targets as ratios with pass flags (None where not measured):
     HMC at B = 64, L = 16 >= 40% of the reference, at L = 64 >= 50% (the full HMC step,
@@ -80,6 +84,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -313,8 +318,9 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
             g0 = info.pop("_g0")
             info |= _path_rates(hmc_runner(action, B, L, args.steps, device, trajectory=fn),
                                 lambda: fn(phi0, pi0), sites, B, device, args)
-            # 1: the timed trajectories (hmc_step's states, other tensors of the same
-            # shape) reused the one compilation
+            # 2: the step (hmc_step's trajectory and Metropolis test, compiled by
+            # compile_for_shape) and the trajectory alone (compiled at its first timed
+            # call), each once; the timed calls on other tensors of the shape reused them
             info["graphs_compiled"] = _graphs() - g0
             if info["chunk_rows"] < B:  # what the chunks gain: the same batch in one call
                 whole, w = compile_for_shape(action, args.steps, (phi0, pi0), chunk_sites=0)
@@ -731,8 +737,9 @@ def scaling_command(n: int, ini: str) -> list[str]:
 
 
 def bench_weak_scaling(args, workdir: Path) -> dict:
-    """The same production per rank on 1 and 2 ranks: efficiency = seconds(1) / seconds(2),
-    from each production's /cost/seconds."""
+    """The same production per rank on 1 and 2 ranks, ``--scaling-repeat`` pairs in turn:
+    efficiency = median seconds(1) / median seconds(2), from each production's
+    /cost/seconds, and each pair's own ratio."""
     import h5py
 
     R, T, L = args.scaling_replicas, args.scaling_trajectories, args.scaling_L
@@ -747,9 +754,9 @@ def bench_weak_scaling(args, workdir: Path) -> dict:
     env = _child_env()
     if os.geteuid() == 0:  # Open MPI refuses root unless told (as tools/env.sh does)
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    seconds = {}
-    for n in (1, 2):
-        d = workdir / f"weak{n}"
+    seconds: dict[int, list[float]] = {1: [], 2: []}
+    for i, n in enumerate([1, 2] * max(1, args.scaling_repeat)):
+        d = workdir / f"weak{n}-{i // 2}"
         d.mkdir(parents=True, exist_ok=True)
         ini = d / "weak.ini"
         ini.write_text(SCALING_INPUT.format(n=n, output=d / "out", device=args.device, L=L,
@@ -766,11 +773,15 @@ def bench_weak_scaling(args, workdir: Path) -> dict:
             out["skipped"] = f"{' '.join(cmd)}: status {r.returncode}: {tail}"
             return out
         with h5py.File(d / "out" / "hmc.h5", "r") as f:
-            seconds[n] = float(f["cost/seconds"][0])
-    out["seconds_by_ranks"] = {str(n): s for n, s in seconds.items()}
+            seconds[n].append(float(f["cost/seconds"][0]))
+    median = {n: statistics.median(v) for n, v in seconds.items()}
+    out["repeat"] = len(seconds[1])
+    out["seconds_by_ranks"] = {str(n): median[n] for n in median}
+    out["runs_seconds_by_ranks"] = {str(n): v for n, v in seconds.items()}
     out["replica_trajectories_per_second_by_ranks"] = {str(n): n * R * T / s
-                                                       for n, s in seconds.items()}
-    out["efficiency"] = seconds[1] / seconds[2]
+                                                       for n, s in median.items()}
+    out["efficiency_by_pair"] = [a / b for a, b in zip(seconds[1], seconds[2])]
+    out["efficiency"] = median[1] / median[2]
     return out
 
 
@@ -864,7 +875,8 @@ def report(result: dict) -> None:
     w = result.get("weak_scaling")
     if w:
         print("weak scaling 1 -> 2 ranks:", w.get("skipped") or
-              f"{w['efficiency']:.3f} (seconds {w['seconds_by_ranks']})")
+              f"{w['efficiency']:.3f} (median seconds {w['seconds_by_ranks']}; pairs "
+              f"{', '.join(f'{e:.3f}' for e in w['efficiency_by_pair'])})")
     print("targets:")
     for k, v in result["targets"].items():
         if isinstance(v, dict):
@@ -907,6 +919,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scaling-L", type=int, default=16)
     ap.add_argument("--scaling-replicas", type=int, default=64, help="replicas per rank")
     ap.add_argument("--scaling-trajectories", type=int, help="per replica (1000; quick: 200)")
+    ap.add_argument("--scaling-repeat", type=int, default=3,
+                    help="1- and 2-rank runs, alternating; the medians' ratio (3)")
     ap.add_argument("--scaling-timeout", type=float, default=600)
     ap.add_argument("--frozen-backends", action="store_true",
                     help="only compare the sparse and fft FrozenFlow backends (see above)")

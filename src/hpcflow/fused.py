@@ -6,9 +6,12 @@ work to ``torch.compile`` (the inductor backend, which runs on CPU with the syst
 compiler and on CUDA with Triton, from the same source):
 
 - HMC (:class:`~hpcflow.action.Phi4Action`): the whole trajectory of an integrator
-  (:mod:`hpcflow.hmc`), followed by the action at its end point, is one compiled graph.  The
-  integrator and the action are the ordinary ones, traced, so there is one source of truth
-  for the MD; the step size and the number of steps are constants of the graph.
+  (:mod:`hpcflow.hmc`), followed by the action at its end point and the Metropolis test
+  (kinetic energies, dH, the accept decisions and the selection of the new fields,
+  :func:`hpcflow.hmc.metropolis`), is one compiled graph, the step that hmc_step calls.
+  The integrator, the action and the test are the ordinary ones, traced, so there is one
+  source of truth for the MD; the step size and the number of steps are constants of the
+  graph.
 - FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
   family without hidden channels, e.g. the minimal model): the flowed force *and* action,
   F~(z) and S~(z) from one pass of the generator, are one compiled graph
@@ -39,6 +42,7 @@ from typing import Callable
 import torch
 
 from .action import FlowedAction, Phi4Action
+from .hmc import metropolis
 
 MODES = ("auto", "on", "off")
 
@@ -76,6 +80,18 @@ def eager_trajectory(action, integrator, length: float, n_steps: int) -> Callabl
         return phi_new, pi_new, action.action(phi_new)
 
     return trajectory
+
+
+def eager_step(action, integrator, length: float, n_steps: int) -> Callable:
+    """(phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted): the trajectory of
+    :func:`eager_trajectory` and the Metropolis test (:func:`hpcflow.hmc.metropolis`), what
+    hmc_step computes eagerly; compiled as one graph by :func:`compile_trajectory`."""
+    trajectory = eager_trajectory(action, integrator, length, n_steps)
+
+    def step(phi, S, pi, log_u):
+        return metropolis(phi, S, pi, *trajectory(phi, pi), log_u)
+
+    return step
 
 
 def stencil_trajectory(stencil: "StencilFlow", integrator, length: float, n_steps: int,
@@ -160,24 +176,24 @@ def chunk_rows(B: int, sites: int, device, chunk_sites: int | None = None) -> in
 
 
 def chunked(fn: Callable, rows: int) -> Callable:
-    """The trajectory ``fn`` (phi, pi) -> (phi', pi', S) run on chunks of ``rows`` replicas
-    of the batch, the results joined.  Chains are independent, so each row's result is the
-    one of the whole batch; the last chunk is padded with zero fields (whose results are
-    dropped), so ``fn`` sees one shape and is compiled once."""
+    """``fn`` over per-replica tensors (the trajectory (phi, pi) -> (phi', pi', S), the step
+    (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted)) run on chunks of ``rows``
+    replicas of the batch, the results joined.  Chains are independent, so each row's
+    result is the one of the whole batch; the last chunk is padded with zeros (whose results
+    are dropped), so ``fn`` sees one shape and is compiled once."""
 
-    def call(phi, pi):
-        B = phi.shape[0]
+    def call(*args):
+        B = args[0].shape[0]
         if B <= rows:
-            return fn(phi, pi)
+            return fn(*args)
         parts = []
         for i in range(0, B, rows):
-            p, q = phi[i:i + rows], pi[i:i + rows]
-            n = p.shape[0]
+            xs = [a[i:i + rows] for a in args]
+            n = xs[0].shape[0]
             if n < rows:
-                p = torch.cat([p, p.new_zeros(rows - n, *p.shape[1:])])
-                q = torch.cat([q, q.new_zeros(rows - n, *q.shape[1:])])
-            parts.append([x[:n] for x in fn(p, q)])
-        return tuple(torch.cat(xs) for xs in zip(*parts))
+                xs = [torch.cat([x, x.new_zeros(rows - n, *x.shape[1:])]) for x in xs]
+            parts.append([y[:n] for y in fn(*xs)])
+        return tuple(torch.cat(ys) for ys in zip(*parts))
 
     call.rows = rows
     return call
@@ -188,6 +204,8 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
                        chunk_sites: int | None = None) -> Callable:
     """The fused trajectory (phi, pi) -> (phi', pi', S(phi')) of ``integrator`` over
     ``action`` with step length / n_steps (see the module docstring for what is fused).
+    For a Phi4Action it carries ``step``, the trajectory and the Metropolis test in one
+    graph (:func:`eager_step`), which :func:`hpcflow.hmc.hmc_step` calls instead.
 
     With ``example`` = (phi, pi) the compilation happens here, and a failure raises
     :class:`CompileUnavailable` with the reason in one line (callers fall back to
@@ -208,17 +226,24 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
     elif compilable(action):
         fn = _without_grad(torch.compile(eager_trajectory(action, integrator, length, n_steps),
                                          dynamic=False, fullgraph=True))
+        step = _without_grad(torch.compile(eager_step(action, integrator, length, n_steps),
+                                           dynamic=False, fullgraph=True))
         if example is not None:
             phi = example[0]
             rows = chunk_rows(phi.shape[0], phi[0].numel(), phi.device, chunk_sites)
             if rows < phi.shape[0]:
-                fn = chunked(fn, rows)
+                fn, step = chunked(fn, rows), chunked(step, rows)
+        fn.step = step
     else:
         raise CompileUnavailable(f"{type(action).__name__} is not fused (only Phi4Action and "
                                  "FlowedAction over it)")
     if example is not None:
         try:
-            fn(*example)
+            if hasattr(fn, "step"):  # what hmc_step calls; the trajectory alone compiles lazily
+                phi, pi = example
+                fn.step(phi, phi.new_zeros(phi.shape[0]), pi, phi.new_zeros(phi.shape[0]))
+            else:
+                fn(*example)
         except Exception as err:  # inductor raises many types; all mean "not here"
             raise CompileUnavailable(f"torch.compile failed: {_first_line(err)}") from None
     return fn

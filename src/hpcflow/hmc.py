@@ -140,6 +140,21 @@ def kinetic(pi: torch.Tensor) -> torch.Tensor:
     return 0.5 * (pi * pi).flatten(1).sum(1)
 
 
+def metropolis(phi, S, pi, phi_new, pi_new, S_new, log_u):
+    """The Metropolis test at the end of an HMC trajectory (phi, pi) -> (phi', pi'):
+
+        dH = [1/2 sum_x pi'_x^2 + S(phi')] - [1/2 sum_x pi_x^2 + S(phi)],
+
+    chain b accepts when log_u[b] < -dH[b] (probability min(1, exp(-dH))).  Returns
+    (phi_out, S_out, dH, accepted): phi' and S(phi') where accepted, phi and S elsewhere.
+    The eager test of :func:`hmc_step`, and the end of the fused step
+    (:func:`hpcflow.fused.compile_trajectory`)."""
+    dH = (kinetic(pi_new) + S_new) - (kinetic(pi) + S)
+    accepted = log_u < -dH
+    keep = accepted.view(-1, *([1] * (phi.dim() - 1)))
+    return torch.where(keep, phi_new, phi), torch.where(accepted, S_new, S), dH, accepted
+
+
 def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
              integrator: Integrator | str, length: float, n_steps: int,
              divergence_threshold: float = DIVERGENCE_THRESHOLD,
@@ -173,7 +188,10 @@ def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
         |dH| above which :attr:`HMCInfo.divergent` is set.
     trajectory : callable, optional
         (phi, pi) -> (phi', pi', S(phi')): replaces the integration and the final action,
-        the fused, compiled form of the same (:mod:`hpcflow.fused`).
+        the fused, compiled form of the same (:mod:`hpcflow.fused`).  One that carries a
+        fused step (its attribute ``step``: (phi, S, pi, log_u) -> (phi_out, S_out, dH,
+        accepted), the trajectory and :func:`metropolis` in one compiled call; HMC of a
+        :class:`hpcflow.Phi4Action`) runs that instead.
 
     Returns
     -------
@@ -190,16 +208,18 @@ def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
     """
     if isinstance(integrator, str):
         integrator = INTEGRATORS[integrator]
-    if trajectory is None:
-        phi_new, pi_new = integrator(state.phi, pi, action.force, length / n_steps, n_steps)
-        S_new = action.action(phi_new)
+    step = getattr(trajectory, "step", None)
+    if step is not None:
+        phi_out, S_out, dH, accepted = step(state.phi, state.S, pi, log_u)
     else:
-        phi_new, pi_new, S_new = trajectory(state.phi, pi)
-    dH = (kinetic(pi_new) + S_new) - (kinetic(pi) + state.S)
-    accepted = log_u < -dH
-    keep = accepted.view(-1, *([1] * (state.phi.dim() - 1)))
-    new_state = HMCState(torch.where(keep, phi_new, state.phi),
-                         torch.where(accepted, S_new, state.S))
+        if trajectory is None:
+            phi_new, pi_new = integrator(state.phi, pi, action.force, length / n_steps, n_steps)
+            S_new = action.action(phi_new)
+        else:
+            phi_new, pi_new, S_new = trajectory(state.phi, pi)
+        phi_out, S_out, dH, accepted = metropolis(state.phi, state.S, pi, phi_new, pi_new,
+                                                  S_new, log_u)
+    new_state = HMCState(phi_out, S_out)
     with torch.no_grad():
         d = dH.detach()
         probability = torch.exp(torch.clamp(-d, max=0.0))
