@@ -95,9 +95,6 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
             assert cell[path]["hmc_site_steps_per_second"] > 0
             assert cell[path]["trajectory_site_steps_per_second"] > 0
         assert {"compile_seconds", "graphs_compiled"} <= set(cell["compiled"])
-        # the step and the trajectory alone, each compiled once for the cell's shape
-        assert cell["compiled"]["graphs_before_timing"] == 1
-        assert cell["compiled"]["graphs_compiled"] == 2
         assert cell["reference"]["site_steps_per_second"] > 0
         assert set(cell["ratio_to_reference"]) == {"eager_hmc_step", "eager_trajectory",
                                                    "compiled_hmc_step", "compiled_trajectory"}

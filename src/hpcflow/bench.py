@@ -2,7 +2,10 @@
 
 What a production costs on one device, measured in one process so that ratios compare
 like with like (issue 9).  Rates are in *site-steps per second*: B chains x L^2 sites x
-n MD steps per trajectory, divided by the seconds of one batch trajectory.
+n MD steps per trajectory, divided by the seconds of one batch trajectory.  The paths of
+one HMC cell, and those of the FHMC comparison, are timed in the same rounds
+(:func:`seconds_together`: a block of each in turn, ``--repeat`` rounds, each one's fastest
+block), so the ratios within a cell compare blocks measured seconds apart.
 
 ``hmc``
     For every L of ``--Ls`` (16, 64) and B of ``--batches`` (1, 64, 256, 1024): HMC with
@@ -12,9 +15,9 @@ n MD steps per trajectory, divided by the seconds of one batch trajectory.
       production runs it, compiled once per shape, its ``compile_seconds`` reported apart
       and not in any rate; on a CPU a batch of more than ``fused.CPU_CHUNK_ABOVE`` sites
       runs in chunks of ``chunk_rows`` replicas, and ``unchunked`` is the same trajectory
-      in one call, for comparison): the full
-      ``hmc_step`` (momenta from the replicas' streams, trajectory, Metropolis), and the
-      trajectory alone (phi, pi) -> (phi', pi', S(phi'));
+      in one call, for comparison): the full ``hmc_step`` (momenta from the replicas'
+      streams, trajectory, Metropolis; compiled: the fused step of trajectory and
+      Metropolis test), and the trajectory alone (phi, pi) -> (phi', pi', S(phi'));
     - ``reference``: the same trajectory by a C loop (``ref/leapfrog.c``, one pass over the
       sites per step, compiled now with the system's ``--cc`` at -O3 -march=native and
       called through ctypes on the same [B, L, L] float64 layout).  It is first checked
@@ -129,6 +132,33 @@ def best_seconds(fn, device, min_seconds: float = 0.3, repeat: int = 3) -> float
             fn()
         _sync(device)
         best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def seconds_together(fns: dict, device, min_seconds: float = 0.3, repeat: int = 3) -> dict:
+    """Seconds per call of each of ``fns`` ({name: fn}), timed in turn: every fn gets a
+    warm-up call (which may compile) and a second call that sizes its block (about
+    ``min_seconds``), then ``repeat`` rounds time one block of each fn, one after the
+    other; each fn's fastest block.  A ratio of two of these compares blocks measured
+    seconds apart, so a slowdown of a shared machine lasting longer than a round falls on
+    both (timed one after the other, they could be minutes apart)."""
+    n = {}
+    for name, fn in fns.items():
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        n[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-9)))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n[name]):
+                fn()
+            _sync(device)
+            best[name] = min(best[name], (time.perf_counter() - t0) / n[name])
     return best
 
 
@@ -253,26 +283,27 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _path_rates(step, traj, sites: int, B: int, device, args) -> dict:
-    sec = best_seconds(step, device, args.min_seconds, args.repeat)
-    tsec = best_seconds(traj, device, args.min_seconds, args.repeat)
+def _path_rates(sec: float, tsec: float, sites: int, B: int) -> dict:
+    """Rates of a path from its seconds per hmc_step and per trajectory alone."""
     return {"hmc_step_seconds": sec, "hmc_site_steps_per_second": sites / sec,
             "replica_trajectories_per_second": B / sec,
             "trajectory_seconds": tsec, "trajectory_site_steps_per_second": sites / tsec}
 
 
-def compile_for_shape(action, steps: int, example, chunk_sites: int | None = None
-                      ) -> tuple[object, dict]:
+def compile_for_shape(action, steps: int, example, chunk_sites: int | None = None,
+                      reset: bool = True) -> tuple[object, dict]:
     """The fused trajectory compiled for one batch shape: (function or None, info), as a
     production compiles it (chunked in replicas on a CPU, :func:`hpcflow.fused.chunk_rows`;
     ``chunk_sites`` 0: the whole batch in one call).
 
     dynamo's caches are reset first (inductor's disk cache is kept), so each shape is one
     fresh compilation, timed apart (``compile_seconds``), and the process never reaches
-    dynamo's recompilation limit however many shapes the bench visits."""
+    dynamo's recompilation limit however many shapes the bench visits; ``reset`` False
+    keeps the functions compiled before usable (for a second function timed with them)."""
     from . import fused
 
-    torch._dynamo.reset()
+    if reset:
+        torch._dynamo.reset()
     g0 = _graphs()
     t0 = time.perf_counter()
     try:
@@ -284,40 +315,50 @@ def compile_for_shape(action, steps: int, example, chunk_sites: int | None = Non
                 "chunk_rows": getattr(fn, "rows", example[0].shape[0]), "_g0": g0}
 
 
-def momenta_cost(B: int, L: int, device, args) -> dict:
-    """Seconds to draw one trajectory's random numbers the way a production does: B x L^2
-    momenta and B Metropolis numbers from the replicas' own streams
-    (:class:`hpcflow.rng.ReplicaStreams`, PCG64 with numpy's ziggurat normals), with
-    the nanoseconds per normal.  Every hmc_step pays it, so ``bound_ratio_to_reference``
-    = reference seconds / these seconds is the most any fused trajectory can reach in
-    ``ratio_to_reference`` while the momenta come from these streams."""
+def momenta_draw(B: int, L: int, device):
+    """One trajectory's random numbers drawn the way a production does: B x L^2 momenta and
+    B Metropolis numbers from the replicas' own streams (:class:`hpcflow.rng.ReplicaStreams`,
+    PCG64 with numpy's ziggurat normals).  Every hmc_step pays it, so
+    ``bound_ratio_to_reference`` = reference seconds / its seconds is the most any fused
+    trajectory can reach in ``ratio_to_reference`` while the momenta come from these
+    streams."""
     streams = ReplicaStreams(3, range(B), "bench-momenta")
 
     def draw():
         streams.normal((L, L), device)
         streams.log_uniform(device)
 
-    sec = best_seconds(draw, device, args.min_seconds, args.repeat)
-    return {"seconds": sec, "ns_per_normal": 1e9 * sec / (B * L * L),
-            "fraction_of_compiled_hmc_step": None}
+    return draw
 
 
 def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) -> dict:
-    """One (L, B) cell of the HMC table: eager, compiled and reference rates and ratios."""
+    """One (L, B) cell of the HMC table: eager, compiled and reference rates and ratios,
+    every path of the cell timed in the same rounds (:func:`seconds_together`)."""
     from .fused import eager_trajectory
 
     sites = B * L * L * args.steps
     row = {"L": L, "B": B, "site_steps_per_trajectory": sites}
     phi0, pi0 = start_point(B, L, device)
     eager = eager_trajectory(action, INTEGRATORS["leapfrog"], 1.0, args.steps)
-    row["eager"] = _path_rates(hmc_runner(action, B, L, args.steps, device),
-                               lambda: eager(phi0, pi0), sites, B, device, args)
+    fns = {"eager_step": hmc_runner(action, B, L, args.steps, device),
+           "eager_trajectory": lambda: eager(phi0, pi0),
+           "momenta": momenta_draw(B, L, device)}
+    info = None
     if args.compile:
         fn, info = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites)
         if fn is not None:
             g0 = info.pop("_g0")
-            info |= _path_rates(hmc_runner(action, B, L, args.steps, device, trajectory=fn),
-                                lambda: fn(phi0, pi0), sites, B, device, args)
+            fns["compiled_step"] = hmc_runner(action, B, L, args.steps, device, trajectory=fn)
+            fns["compiled_trajectory"] = lambda: fn(phi0, pi0)
+    if ref is not None:
+        phi_r, pi_r = (t.detach().to("cpu", copy=True).contiguous() for t in (phi0, pi0))
+        S_r = torch.empty(B, dtype=torch.float64)
+        fns["reference"] = lambda: ref.run_inplace(phi_r, pi_r, S_r)
+    sec = seconds_together(fns, device, args.min_seconds, args.repeat)
+    row["eager"] = _path_rates(sec["eager_step"], sec["eager_trajectory"], sites, B)
+    if info is not None:
+        if "compiled_step" in sec:
+            info |= _path_rates(sec["compiled_step"], sec["compiled_trajectory"], sites, B)
             # 2: the step (hmc_step's trajectory and Metropolis test, compiled by
             # compile_for_shape) and the trajectory alone (compiled at its first timed
             # call), each once; the timed calls on other tensors of the shape reused them
@@ -331,12 +372,11 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
                             sites / best_seconds(lambda: whole(phi0, pi0), device,
                                                  args.min_seconds, args.repeat)}
         row["compiled"] = info
-    row["momenta"] = momenta_cost(B, L, device, args)
+    row["momenta"] = {"seconds": sec["momenta"],
+                      "ns_per_normal": 1e9 * sec["momenta"] / (B * L * L),
+                      "fraction_of_compiled_hmc_step": None}
     if ref is not None:
-        phi_r, pi_r = (t.detach().to("cpu", copy=True).contiguous() for t in (phi0, pi0))
-        S_r = torch.empty(B, dtype=torch.float64)
-        sec = best_seconds(lambda: ref.run_inplace(phi_r, pi_r, S_r), torch.device("cpu"),
-                           args.min_seconds, args.repeat)
+        sec = sec["reference"]
         row["reference"] = {"seconds": sec, "site_steps_per_second": sites / sec}
         ratios = {}
         for path in ("eager", "compiled"):
@@ -416,32 +456,38 @@ def bench_fhmc(args, device) -> dict:
     phi0, pi0 = start_point(B, L, device)
     out = {"L": L, "B": B, "flow": flow.spec(), "frozen_method": flowed.frozen.method}
 
-    def timed(action, trajectory=None, force=None):
-        force = force or action.force
-        return {"trajectory_seconds": best_seconds(
-                    hmc_runner(action, B, L, args.steps, device, trajectory), device,
-                    args.min_seconds, args.repeat),
-                "force_seconds": best_seconds(lambda: force(phi0), device, args.min_seconds,
-                                              args.repeat)}
+    # every (algorithm, path): a trajectory (hmc_step) and a force, all timed in the same
+    # rounds (seconds_together), so that the ratios compare blocks seconds apart
+    fns = {}
 
-    out["hmc"] = {"eager": timed(target)}
-    out["fhmc"] = {"eager": timed(flowed)}
+    def add(algorithm, path, action, trajectory=None, force=None):
+        force = force or action.force
+        fns[(algorithm, path, "trajectory_seconds")] = hmc_runner(action, B, L, args.steps,
+                                                                 device, trajectory)
+        fns[(algorithm, path, "force_seconds")] = lambda: force(phi0)
+
+    out["hmc"], out["fhmc"] = {"eager": {}}, {"eager": {}}
+    add("hmc", "eager", target)
+    add("fhmc", "eager", flowed)
     if args.compile:
         fn, info = compile_for_shape(target, args.steps, (phi0, pi0))
         if fn is not None:
             info.pop("_g0")
-            info |= timed(target, fn, _compiled_phi4_force(target))
+            add("hmc", "compiled", target, fn, _compiled_phi4_force(target))
         out["hmc"]["compiled"] = info
         # FHMC: the compiled flowed force and action (fused.StencilFlow), the force timed
-        # as a trajectory calls it (site-major fields)
-        fn, info = compile_for_shape(flowed, args.steps, (phi0, pi0))
+        # as a trajectory calls it (site-major fields); compiled next to HMC's (no reset)
+        fn, info = compile_for_shape(flowed, args.steps, (phi0, pi0), reset=False)
         if fn is not None:
             info.pop("_g0")
             zs = fn.stencil.site_major(phi0)
-            info |= timed(flowed, fn, lambda _: fn.force_and_action(zs))
+            add("fhmc", "compiled", flowed, fn, lambda _: fn.force_and_action(zs))
             info["wired"] = ("[run] compile = auto|on: FHMC productions use this path "
                              "(fused.compilable)" if fused.compilable(flowed) else "no")
         out["fhmc"]["compiled"] = info
+    for (algorithm, path, what), sec in seconds_together(fns, device, args.min_seconds,
+                                                         args.repeat).items():
+        out[algorithm][path][what] = sec
     paths = {a: {p: v for p, v in out[a].items() if "trajectory_seconds" in v}
              for a in ("hmc", "fhmc")}
     best = {a: min(paths[a], key=lambda p: paths[a][p]["trajectory_seconds"]) for a in paths}
