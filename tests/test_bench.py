@@ -95,6 +95,9 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
             assert cell[path]["hmc_site_steps_per_second"] > 0
             assert cell[path]["trajectory_site_steps_per_second"] > 0
         assert {"compile_seconds", "graphs_compiled"} <= set(cell["compiled"])
+        u = cell["compiled"]["fused_metropolis"]
+        assert u["speedup"] == pytest.approx(cell["compiled"]["hmc_step_seconds"]
+                                             / u["hmc_step_seconds"])
         assert cell["reference"]["site_steps_per_second"] > 0
         assert set(cell["ratio_to_reference"]) == {"eager_hmc_step", "eager_trajectory",
                                                    "compiled_hmc_step", "compiled_trajectory"}

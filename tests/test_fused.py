@@ -41,8 +41,18 @@ def chain(trajectory, n=30, action=TARGET):
 
 
 @pytest.mark.slow
-def test_compiled_chain_equals_eager(compiled):
-    """phi to 1e-12 and identical accept decisions over a short chain (same streams)."""
+@pytest.mark.parametrize("metropolis", [False, True], ids=["trajectory", "with_metropolis"])
+def test_compiled_chain_equals_eager(compiled, metropolis):
+    """phi to 1e-12 and identical accept decisions over a short chain (same streams), for
+    the production's compiled trajectory and for the step with the Metropolis test fused."""
+    if metropolis:
+        streams = ReplicaStreams(3, range(B), "fused")
+        example = (0.5 * streams.normal((L, L), "cpu"), streams.normal((L, L), "cpu"))
+        compiled = fused.compile_trajectory(TARGET, INTEGRATORS["leapfrog"], 1.0, 5, example,
+                                            metropolis=True)
+        assert hasattr(compiled, "step")
+    else:
+        assert not hasattr(compiled, "step")
     phi_eager, acc_eager = chain(None)
     phi_fused, acc_fused = chain(compiled)
     assert 0 < acc_eager.float().mean() < 1
@@ -101,9 +111,11 @@ def test_chunked_trajectory_is_the_whole_batch_bit_for_bit():
     integ = INTEGRATORS["leapfrog"]
     try:
         fused.new_job()
-        whole = fused.compile_trajectory(TARGET, integ, 1.0, 4, (phi, pi), chunk_sites=0)
+        whole = fused.compile_trajectory(TARGET, integ, 1.0, 4, (phi, pi), chunk_sites=0,
+                                         metropolis=True)
         fused.new_job()
-        parts = fused.compile_trajectory(TARGET, integ, 1.0, 4, (phi, pi), chunk_sites=48)
+        parts = fused.compile_trajectory(TARGET, integ, 1.0, 4, (phi, pi), chunk_sites=48,
+                                         metropolis=True)
     except fused.CompileUnavailable as err:
         pytest.skip(f"torch.compile unavailable here: {err}")
     assert parts.rows == 3 and not hasattr(whole, "rows")
@@ -112,7 +124,7 @@ def test_chunked_trajectory_is_the_whole_batch_bit_for_bit():
     for g, w, e in zip(got, want, eager):
         assert g.shape == w.shape and torch.equal(g, w)
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-    # the fused step (trajectory + Metropolis test): chunked = whole, bit for bit, and the
+    # the fused step (trajectory + Metropolis test, metropolis=True): chunked = whole, bit for bit, and the
     # eager step to 1e-12 with the same decisions; log_u straddles -dH so both outcomes occur
     S, log_u = TARGET.action(phi), torch.linspace(-0.3, 0.3, B_, dtype=torch.float64)
     got = parts.step(phi, S, pi, log_u)

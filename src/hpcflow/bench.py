@@ -16,8 +16,11 @@ block), so the ratios within a cell compare blocks measured seconds apart.
       and not in any rate; on a CPU a batch of more than ``fused.CPU_CHUNK_ABOVE`` sites
       runs in chunks of ``chunk_rows`` replicas, and ``unchunked`` is the same trajectory
       in one call, for comparison): the full ``hmc_step`` (momenta from the replicas'
-      streams, trajectory, Metropolis; compiled: the fused step of trajectory and
-      Metropolis test), and the trajectory alone (phi, pi) -> (phi', pi', S(phi'));
+      streams, trajectory, Metropolis), and the trajectory alone
+      (phi, pi) -> (phi', pi', S(phi')); ``compiled.fused_metropolis``: hmc_step with the
+      Metropolis test fused into the compiled graph too (``compile_trajectory(...,
+      metropolis=True)``, which productions do not use) and ``speedup``, the production
+      path's step seconds over its;
     - ``reference``: the same trajectory by a C loop (``ref/leapfrog.c``, one pass over the
       sites per step, compiled now with the system's ``--cc`` at -O3 -march=native and
       called through ctypes on the same [B, L, L] float64 layout).  It is first checked
@@ -291,7 +294,7 @@ def _path_rates(sec: float, tsec: float, sites: int, B: int) -> dict:
 
 
 def compile_for_shape(action, steps: int, example, chunk_sites: int | None = None,
-                      reset: bool = True) -> tuple[object, dict]:
+                      reset: bool = True, metropolis: bool = False) -> tuple[object, dict]:
     """The fused trajectory compiled for one batch shape: (function or None, info), as a
     production compiles it (chunked in replicas on a CPU, :func:`hpcflow.fused.chunk_rows`;
     ``chunk_sites`` 0: the whole batch in one call).
@@ -308,7 +311,7 @@ def compile_for_shape(action, steps: int, example, chunk_sites: int | None = Non
     t0 = time.perf_counter()
     try:
         fn = fused.compile_trajectory(action, INTEGRATORS["leapfrog"], 1.0, steps, example,
-                                      chunk_sites=chunk_sites)
+                                      chunk_sites=chunk_sites, metropolis=metropolis)
     except fused.CompileUnavailable as err:
         return None, {"unavailable": str(err)}
     return fn, {"compile_seconds": time.perf_counter() - t0, "graphs_before_timing": _graphs() - g0,
@@ -350,6 +353,12 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
             g0 = info.pop("_g0")
             fns["compiled_step"] = hmc_runner(action, B, L, args.steps, device, trajectory=fn)
             fns["compiled_trajectory"] = lambda: fn(phi0, pi0)
+            # the Metropolis test fused as well (compiled next to fn: no reset)
+            fm, m = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites,
+                                      reset=False, metropolis=True)
+            if fm is not None:
+                fns["fused_metropolis_step"] = hmc_runner(action, B, L, args.steps, device,
+                                                          trajectory=fm)
     if ref is not None:
         phi_r, pi_r = (t.detach().to("cpu", copy=True).contiguous() for t in (phi0, pi0))
         S_r = torch.empty(B, dtype=torch.float64)
@@ -359,10 +368,14 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
     if info is not None:
         if "compiled_step" in sec:
             info |= _path_rates(sec["compiled_step"], sec["compiled_trajectory"], sites, B)
-            # 2: the step (hmc_step's trajectory and Metropolis test, compiled by
-            # compile_for_shape) and the trajectory alone (compiled at its first timed
-            # call), each once; the timed calls on other tensors of the shape reused them
+            # 2: the trajectory and the fused-Metropolis step, each compiled once; the
+            # timed calls on other tensors of the same shape reused them
             info["graphs_compiled"] = _graphs() - g0
+            if "fused_metropolis_step" in sec:
+                info["fused_metropolis"] = {
+                    "compile_seconds": m["compile_seconds"],
+                    "hmc_step_seconds": sec["fused_metropolis_step"],
+                    "speedup": sec["compiled_step"] / sec["fused_metropolis_step"]}
             if info["chunk_rows"] < B:  # what the chunks gain: the same batch in one call
                 whole, w = compile_for_shape(action, args.steps, (phi0, pi0), chunk_sites=0)
                 if whole is not None:

@@ -6,12 +6,16 @@ work to ``torch.compile`` (the inductor backend, which runs on CPU with the syst
 compiler and on CUDA with Triton, from the same source):
 
 - HMC (:class:`~hpcflow.action.Phi4Action`): the whole trajectory of an integrator
-  (:mod:`hpcflow.hmc`), followed by the action at its end point and the Metropolis test
-  (kinetic energies, dH, the accept decisions and the selection of the new fields,
-  :func:`hpcflow.hmc.metropolis`), is one compiled graph, the step that hmc_step calls.
-  The integrator, the action and the test are the ordinary ones, traced, so there is one
-  source of truth for the MD; the step size and the number of steps are constants of the
-  graph.
+  (:mod:`hpcflow.hmc`), followed by the action at its end point, is one compiled graph.
+  The integrator and the action are the ordinary ones, traced, so there is one source of
+  truth for the MD; the step size and the number of steps are constants of the graph.
+  ``compile_trajectory(..., metropolis=True)`` also fuses the Metropolis test (kinetic
+  energies, dH, accept decisions, selection: :func:`hpcflow.hmc.metropolis`) into the
+  graph, as the step that hmc_step then calls.  Measured in the bench with every path
+  timed in the same rounds (``fused_metropolis`` in the JSON), it
+  was 0.8 to 1.0 times as fast as the compiled trajectory plus the eager test at
+  B = 64 ... 1024 on the 2-core CPU, so productions do not use it; a GPU, where the eager
+  test's launches cost more, may decide otherwise.
 - FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
   family without hidden channels, e.g. the minimal model): the flowed force *and* action,
   F~(z) and S~(z) from one pass of the generator, are one compiled graph
@@ -201,11 +205,12 @@ def chunked(fn: Callable, rows: int) -> Callable:
 
 def compile_trajectory(action, integrator, length: float, n_steps: int,
                        example: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       chunk_sites: int | None = None) -> Callable:
+                       chunk_sites: int | None = None, metropolis: bool = False) -> Callable:
     """The fused trajectory (phi, pi) -> (phi', pi', S(phi')) of ``integrator`` over
     ``action`` with step length / n_steps (see the module docstring for what is fused).
-    For a Phi4Action it carries ``step``, the trajectory and the Metropolis test in one
-    graph (:func:`eager_step`), which :func:`hpcflow.hmc.hmc_step` calls instead.
+    With ``metropolis`` (a Phi4Action only) it carries ``step``, the trajectory and the
+    Metropolis test in one graph (:func:`eager_step`), which :func:`hpcflow.hmc.hmc_step`
+    calls instead, and the example compiles the step (the trajectory alone, lazily).
 
     With ``example`` = (phi, pi) the compilation happens here, and a failure raises
     :class:`CompileUnavailable` with the reason in one line (callers fall back to
@@ -226,14 +231,17 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
     elif compilable(action):
         fn = _without_grad(torch.compile(eager_trajectory(action, integrator, length, n_steps),
                                          dynamic=False, fullgraph=True))
-        step = _without_grad(torch.compile(eager_step(action, integrator, length, n_steps),
-                                           dynamic=False, fullgraph=True))
+        step = (_without_grad(torch.compile(eager_step(action, integrator, length, n_steps),
+                                            dynamic=False, fullgraph=True))
+                if metropolis else None)
         if example is not None:
             phi = example[0]
             rows = chunk_rows(phi.shape[0], phi[0].numel(), phi.device, chunk_sites)
             if rows < phi.shape[0]:
-                fn, step = chunked(fn, rows), chunked(step, rows)
-        fn.step = step
+                fn = chunked(fn, rows)
+                step = chunked(step, rows) if step is not None else None
+        if step is not None:
+            fn.step = step
     else:
         raise CompileUnavailable(f"{type(action).__name__} is not fused (only Phi4Action and "
                                  "FlowedAction over it)")

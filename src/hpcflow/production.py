@@ -316,8 +316,7 @@ def _trajectory(cfg, world, section, spec, phi):
         return None
     rows = getattr(fn, "rows", None)
     chunks = f", in chunks of {rows}" if rows else ""
-    what = "HMC step" if hasattr(fn, "step") else "trajectory"
-    logger.info(f"[{spec.stage}] fused {what} compiled in {time.perf_counter() - t0:.1f} s "
+    logger.info(f"[{spec.stage}] fused trajectory compiled in {time.perf_counter() - t0:.1f} s "
                 f"(torch.compile, {len(phi)} chains on rank {world.rank}{chunks})")
     return fn
 
