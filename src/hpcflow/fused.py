@@ -14,8 +14,9 @@ compiler and on CUDA with Triton, from the same source):
   graph, as the step that hmc_step then calls.  Measured in the bench with every path
   timed in the same rounds (``fused_metropolis`` in the JSON), it
   was 0.8 to 1.0 times as fast as the compiled trajectory plus the eager test at
-  B = 64 ... 1024 on the 2-core CPU, so productions do not use it; a GPU, where the eager
-  test's launches cost more, may decide otherwise.
+  B = 256 and 1024 on the 2-core CPU (1.0 to 1.1 at B = 64; more only at B = 1 and for
+  chunked batches), so productions do not use it; a GPU, where the eager test's launches
+  cost more, may decide otherwise.
 - FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
   family without hidden channels, e.g. the minimal model): the flowed force *and* action,
   F~(z) and S~(z) from one pass of the generator, are one compiled graph
