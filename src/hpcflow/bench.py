@@ -117,25 +117,10 @@ def _sync(device):
 
 
 def best_seconds(fn, device, min_seconds: float = 0.3, repeat: int = 3) -> float:
-    """Seconds per call of ``fn``: a warm-up call (which may compile), a second call that
-    estimates the cost, then ``repeat`` blocks of n calls with n chosen so that a block lasts
-    about ``min_seconds``; the fastest block's time per call."""
-    fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - t0
-    n = max(1, math.ceil(min_seconds / max(first, 1e-9)))
-    best = float("inf")
-    for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        _sync(device)
-        best = min(best, (time.perf_counter() - t0) / n)
-    return best
+    """Seconds per call of ``fn``: :func:`seconds_together` of ``fn`` alone (a warm-up call,
+    which may compile, a call that sizes a block of about ``min_seconds``, then the fastest
+    of ``repeat`` blocks)."""
+    return seconds_together({"fn": fn}, device, min_seconds, repeat)["fn"]
 
 
 def seconds_together(fns: dict, device, min_seconds: float = 0.3, repeat: int = 3) -> dict:

@@ -13,10 +13,10 @@ compiler and on CUDA with Triton, from the same source):
   energies, dH, accept decisions, selection: :func:`hpcflow.hmc.metropolis`) into the
   graph, as the step that hmc_step then calls.  Measured in the bench with every path
   timed in the same rounds (``fused_metropolis`` in the JSON), it
-  was 0.8 to 1.0 times as fast as the compiled trajectory plus the eager test at
-  B = 256 and 1024 on the 2-core CPU (1.0 to 1.1 at B = 64; more only at B = 1 and for
-  chunked batches), so productions do not use it; a GPU, where the eager test's launches
-  cost more, may decide otherwise.
+  was 0.95 to 1.00 times as fast as the compiled trajectory plus the eager test at
+  B = 256 and 1024 on the 2-core CPU (1.05 at B = 64; more only at B = 1 and for chunked
+  batches), so productions do not use it; a GPU, where the eager test's launches cost
+  more, may decide otherwise.
 - FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
   family without hidden channels, e.g. the minimal model): the flowed force *and* action,
   F~(z) and S~(z) from one pass of the generator, are one compiled graph
@@ -157,8 +157,9 @@ def new_job() -> None:
 #: trajectory in chunks of replicas of at most ``CPU_CHUNK_SITES`` sites (:func:`chunked`),
 #: so that a chunk's fields stay in cache for the 2 n_steps + 1 passes of its trajectory
 #: instead of streaming from memory on every pass.  Measured in one bench run on the 2-core
-#: development machine (results/bench-cpu.json, ``unchunked``): L = 64, B = 1024 ran 2.5
-#: times faster in chunks of 16 replicas, while batches that fit in cache (L = 16,
+#: development machine (results/bench-cpu.json, ``unchunked``): the L = 64, B = 1024
+#: trajectory ran 3.6 times faster in chunks of 16 replicas (308 against 86 M
+#: site-steps/s), while in an earlier run (not kept) batches that fit in cache (L = 16,
 #: B = 1024; L = 64, B = 64 and 256) ran 7-20 % slower chunked, hence the threshold.
 #: ``python -m hpcflow.bench --chunk-sites N`` measures another chunk size.
 CPU_CHUNK_SITES = 65536
