@@ -96,8 +96,14 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
             assert cell[path]["trajectory_site_steps_per_second"] > 0
         assert {"compile_seconds", "graphs_compiled"} <= set(cell["compiled"])
         u = cell["compiled"]["fused_metropolis"]
-        assert u["speedup"] == pytest.approx(cell["compiled"]["hmc_step_seconds"]
-                                             / u["hmc_step_seconds"])
+        assert u["in_production"] and u["hmc_step_seconds"] == cell["compiled"]["hmc_step_seconds"]
+        assert u["speedup"] == pytest.approx(u["unfused_hmc_step_seconds"] / u["hmc_step_seconds"])
+        # B < 16: batch-major in production, the other layout measured beside it
+        assert cell["compiled"]["layout"] == "batch-major"
+        o = cell["compiled"]["other_layout"]
+        assert o["layout"] == "site-major" and o["hmc_step_seconds"] > 0
+        assert o["speedup_of_layout"] == pytest.approx(o["hmc_step_seconds"]
+                                                       / cell["compiled"]["hmc_step_seconds"])
         assert cell["reference"]["site_steps_per_second"] > 0
         assert set(cell["ratio_to_reference"]) == {"eager_hmc_step", "eager_trajectory",
                                                    "compiled_hmc_step", "compiled_trajectory"}

@@ -41,18 +41,21 @@ def chain(trajectory, n=30, action=TARGET):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("metropolis", [False, True], ids=["trajectory", "with_metropolis"])
-def test_compiled_chain_equals_eager(compiled, metropolis):
+@pytest.mark.parametrize("metropolis,layout", [(None, None), (False, "batch-major"),
+                                               (None, "site-major")],
+                         ids=["production", "eager_metropolis", "site_major"])
+def test_compiled_chain_equals_eager(compiled, metropolis, layout):
     """phi to 1e-12 and identical accept decisions over a short chain (same streams), for
-    the production's compiled trajectory and for the step with the Metropolis test fused."""
-    if metropolis:
+    the production's compiled step at B = 8 (batch-major, the Metropolis test fused), the
+    trajectory with the eager test, and the site-major layout."""
+    if layout is not None:
         streams = ReplicaStreams(3, range(B), "fused")
         example = (0.5 * streams.normal((L, L), "cpu"), streams.normal((L, L), "cpu"))
         compiled = fused.compile_trajectory(TARGET, INTEGRATORS["leapfrog"], 1.0, 5, example,
-                                            metropolis=True)
-        assert hasattr(compiled, "step")
+                                            metropolis=metropolis, layout=layout)
+        assert hasattr(compiled, "step") == (metropolis is None) and compiled.layout == layout
     else:
-        assert not hasattr(compiled, "step")
+        assert hasattr(compiled, "step") and compiled.layout == "batch-major"
     phi_eager, acc_eager = chain(None)
     phi_fused, acc_fused = chain(compiled)
     assert 0 < acc_eager.float().mean() < 1
@@ -98,6 +101,51 @@ def test_chunk_rows(monkeypatch):
     monkeypatch.setattr(fused, "CPU_CHUNK_ABOVE", 100)
     assert fused.chunk_rows(7, 16, "cpu") == 3               # 112 > 100 sites: chunks of 48
     assert fused.chunk_rows(6, 16, "cpu") == 6               # 96 <= 100: one call
+    # site-major: chunks of CPU_CHUNK_SITES above CPU_CHUNK_SITES
+    assert fused.chunk_rows(6, 16, "cpu", layout="site-major") == 3   # 96 > 48
+    monkeypatch.setattr(fused, "CPU_CHUNK_SITES", 65536)
+    assert fused.chunk_rows(64, 4096, "cpu", layout="site-major") == 16
+    assert fused.chunk_rows(256, 256, "cpu", layout="site-major") == 256
+
+
+def test_default_layout():
+    """Site-major on a CPU from SITE_MAJOR_MIN_BATCH replicas, batch-major below and on GPUs."""
+    n = fused.SITE_MAJOR_MIN_BATCH
+    assert fused.default_layout("cpu", n) == "site-major"
+    assert fused.default_layout("cpu", n - 1) == "batch-major"
+    assert fused.default_layout("cuda", 1024) == "batch-major"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("B_,L_,integrator", [(7, 4, "leapfrog"), (16, 6, "omf4"), (3, 8, "omf2")])
+def test_layouts_are_bit_identical(B_, L_, integrator):
+    """The site-major and batch-major compiled trajectories and fused steps give the same
+    numbers bit for bit (the layout, chosen by the replicas per rank, cannot make chains
+    depend on the rank count), and the eager ones to 1e-12 with the same decisions."""
+    streams = ReplicaStreams(4, range(B_), "layouts")
+    phi, pi = 0.5 * streams.normal((L_, L_), "cpu"), streams.normal((L_, L_), "cpu")
+    S, log_u = TARGET.action(phi), torch.linspace(-0.3, 0.3, B_, dtype=torch.float64)
+    integ = INTEGRATORS[integrator]
+    out = {}
+    try:
+        for layout in fused.LAYOUTS:
+            fused.new_job()
+            fn = fused.compile_trajectory(TARGET, integ, 1.0, 4, (phi, pi), metropolis=True,
+                                          layout=layout, chunk_sites=0)
+            assert fn.layout == layout
+            out[layout] = (fn(phi, pi), fn.step(phi, S, pi, log_u))
+    except fused.CompileUnavailable as err:
+        pytest.skip(f"torch.compile unavailable here: {err}")
+    eager = (fused.eager_trajectory(TARGET, integ, 1.0, 4)(phi, pi),
+             fused.eager_step(TARGET, integ, 1.0, 4)(phi, S, pi, log_u))
+    for site, batch, e in zip(*out.values(), eager):
+        for a, b, c in zip(site, batch, e):
+            assert a.shape == b.shape == c.shape and torch.equal(a, b)
+            if a.dtype == torch.bool:
+                assert torch.equal(a, c)
+            else:
+                torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    assert 0 < int(out["site-major"][1][3].sum()) < B_
 
 
 @pytest.mark.slow
@@ -308,7 +356,7 @@ def test_compile_key_selects_the_compiled_flowed_force(compiled_flowed):
 @pytest.mark.slow
 def test_compiled_production_equals_eager(tmp_path, compiled):
     """[run] compile = on gives the eager file's chains: every measurement to 1e-12 and the
-    same accept decisions; the compile time is logged once."""
+    same accept decisions (16 replicas: site-major, the Metropolis test fused)."""
     import h5py
     import numpy as np
 
@@ -319,7 +367,7 @@ def test_compiled_production_equals_eager(tmp_path, compiled):
     for mode in ("off", "on"):
         d = tmp_path / mode
         d.mkdir()
-        path = write_input(d, L=8, replicas=B, trajectories=30, thermalization=5, steps=5,
+        path = write_input(d, L=8, replicas=16, trajectories=30, thermalization=5, steps=5,
                            checkpoint_every=10)
         path.write_text(path.read_text().replace("[run]\n", f"[run]\ncompile = {mode}\n", 1))
         assert run.main([str(path)]) == 0

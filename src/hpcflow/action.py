@@ -30,10 +30,13 @@ class Action(Protocol):
     def force(self, phi: torch.Tensor) -> torch.Tensor: ...
 
 
-def neighbour_sum(phi: torch.Tensor) -> torch.Tensor:
-    """sum over the four nearest neighbours, periodic: sum_{+-mu} phi_{x+-mu}."""
-    return (torch.roll(phi, 1, -1) + torch.roll(phi, -1, -1)
-            + torch.roll(phi, 1, -2) + torch.roll(phi, -1, -2))
+def neighbour_sum(phi: torch.Tensor, dims: tuple[int, int] = (-2, -1)) -> torch.Tensor:
+    """sum over the four nearest neighbours, periodic: sum_{+-mu} phi_{x+-mu}, with the
+    lattice directions (x0, x1) on tensor dimensions ``dims`` (default: the last two, a
+    batch [B, L0, L1]; (0, 1): the site-major [L0, L1, B] of :mod:`hpcflow.fused`)."""
+    d0, d1 = dims
+    return (torch.roll(phi, 1, d1) + torch.roll(phi, -1, d1)
+            + torch.roll(phi, 1, d0) + torch.roll(phi, -1, d0))
 
 
 class Phi4Action:
@@ -73,9 +76,10 @@ class Phi4Action:
         """S of each configuration, [B]."""
         return self.density(phi).flatten(-2).sum(-1)
 
-    def force(self, phi: torch.Tensor) -> torch.Tensor:
-        """F = -dS/dphi, [B, L, L]."""
-        return (self.beta * neighbour_sum(phi) - 2.0 * phi
+    def force(self, phi: torch.Tensor, dims: tuple[int, int] = (-2, -1)) -> torch.Tensor:
+        """F = -dS/dphi, [B, L, L] (lattice directions on ``dims``, as :func:`neighbour_sum`;
+        the same operations in the same order for any layout)."""
+        return (self.beta * neighbour_sum(phi, dims) - 2.0 * phi
                 - 4.0 * self.lam * phi * (phi * phi - 1.0))
 
 

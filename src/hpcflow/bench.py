@@ -12,15 +12,18 @@ block), so the ratios within a cell compare blocks measured seconds apart.
     leapfrog, ``--steps`` (10) steps of length 1, on a batch [B, L, L]:
 
     - ``eager`` and ``compiled`` (the fused trajectory of :mod:`hpcflow.fused` as a
-      production runs it, compiled once per shape, its ``compile_seconds`` reported apart
-      and not in any rate; on a CPU a batch of more than ``fused.CPU_CHUNK_ABOVE`` sites
-      runs in chunks of ``chunk_rows`` replicas, and ``unchunked`` is the same trajectory
-      in one call, for comparison): the full ``hmc_step`` (momenta from the replicas'
-      streams, trajectory, Metropolis), and the trajectory alone
-      (phi, pi) -> (phi', pi', S(phi')); ``compiled.fused_metropolis``: hmc_step with the
-      Metropolis test fused into the compiled graph too (``compile_trajectory(...,
-      metropolis=True)``, which productions do not use) and ``speedup``, the production
-      path's step seconds over its;
+      production runs it: its ``layout``, site-major on a CPU from 16 chains, with the
+      Metropolis test fused there (``metropolis_fused``), compiled once per shape, its
+      ``compile_seconds`` reported apart and not in any rate; on a CPU a batch of more than
+      ``fused.CPU_CHUNK_ABOVE`` sites (site-major: ``fused.CPU_CHUNK_SITES``) runs in
+      chunks of ``chunk_rows`` replicas, and ``unchunked`` is the same trajectory in one
+      call, for comparison): the full ``hmc_step`` (momenta from the replicas' streams,
+      trajectory, Metropolis), and the trajectory alone (phi, pi) -> (phi', pi', S(phi'));
+      ``compiled.fused_metropolis``: the step with the Metropolis test fused and without
+      (the production's one and the other, compiled with the same layout), ``speedup`` =
+      unfused / fused seconds, ``in_production`` which one productions run;
+      ``compiled.other_layout``: the other layout as a production would compile it, its
+      rates and ``speedup_of_layout`` = its step seconds / the production's;
     - ``reference``: the same trajectory by a C loop (``ref/leapfrog.c``, one pass over the
       sites per step, compiled now with the system's ``--cc`` at -O3 -march=native and
       called through ctypes on the same [B, L, L] float64 layout).  It is first checked
@@ -103,6 +106,7 @@ from . import __version__
 from .action import Phi4Action
 from .hmc import INTEGRATORS, hmc_step, init_state
 from .rng import ReplicaStreams
+from .fused import LAYOUTS
 
 #: the C reference loop, compiled at bench time
 REF_SOURCE = Path(__file__).resolve().parent / "ref" / "leapfrog.c"
@@ -279,7 +283,8 @@ def _path_rates(sec: float, tsec: float, sites: int, B: int) -> dict:
 
 
 def compile_for_shape(action, steps: int, example, chunk_sites: int | None = None,
-                      reset: bool = True, metropolis: bool = False) -> tuple[object, dict]:
+                      reset: bool = True, metropolis: bool | None = None,
+                      layout: str | None = None) -> tuple[object, dict]:
     """The fused trajectory compiled for one batch shape: (function or None, info), as a
     production compiles it (chunked in replicas on a CPU, :func:`hpcflow.fused.chunk_rows`;
     ``chunk_sites`` 0: the whole batch in one call).
@@ -296,10 +301,12 @@ def compile_for_shape(action, steps: int, example, chunk_sites: int | None = Non
     t0 = time.perf_counter()
     try:
         fn = fused.compile_trajectory(action, INTEGRATORS["leapfrog"], 1.0, steps, example,
-                                      chunk_sites=chunk_sites, metropolis=metropolis)
+                                      chunk_sites=chunk_sites, metropolis=metropolis,
+                                      layout=layout)
     except fused.CompileUnavailable as err:
         return None, {"unavailable": str(err)}
     return fn, {"compile_seconds": time.perf_counter() - t0, "graphs_before_timing": _graphs() - g0,
+                "layout": getattr(fn, "layout", None), "metropolis_fused": hasattr(fn, "step"),
                 "chunk_rows": getattr(fn, "rows", example[0].shape[0]), "_g0": g0}
 
 
@@ -338,12 +345,22 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
             g0 = info.pop("_g0")
             fns["compiled_step"] = hmc_runner(action, B, L, args.steps, device, trajectory=fn)
             fns["compiled_trajectory"] = lambda: fn(phi0, pi0)
-            # the Metropolis test fused as well (compiled next to fn: no reset)
+            # the Metropolis test fused, or not, the other way from the production's
+            # (compiled next to fn: no reset)
             fm, m = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites,
-                                      reset=False, metropolis=True)
+                                      reset=False, metropolis=not info["metropolis_fused"],
+                                      layout=info["layout"])
             if fm is not None:
                 fns["fused_metropolis_step"] = hmc_runner(action, B, L, args.steps, device,
                                                           trajectory=fm)
+            # the other layout (batch-major on a CPU), as a production would compile it
+            other = next(x for x in LAYOUTS if x != info["layout"])
+            fo, o = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites,
+                                      reset=False, layout=other)
+            if fo is not None:
+                fns["other_layout_step"] = hmc_runner(action, B, L, args.steps, device,
+                                                      trajectory=fo)
+                fns["other_layout_trajectory"] = lambda: fo(phi0, pi0)
     if ref is not None:
         phi_r, pi_r = (t.detach().to("cpu", copy=True).contiguous() for t in (phi0, pi0))
         S_r = torch.empty(B, dtype=torch.float64)
@@ -353,14 +370,25 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
     if info is not None:
         if "compiled_step" in sec:
             info |= _path_rates(sec["compiled_step"], sec["compiled_trajectory"], sites, B)
-            # 2: the trajectory and the fused-Metropolis step, each compiled once; the
-            # timed calls on other tensors of the same shape reused them
+            # every graph of the three paths compiled once (site-major: 3 for the trajectory,
+            # 1 more for the fused-Metropolis step; batch-major: 1 each); the timed calls on
+            # other tensors of the same shape reused them
             info["graphs_compiled"] = _graphs() - g0
-            if "fused_metropolis_step" in sec:
+            if "other_layout_step" in sec:
+                o.pop("_g0")
+                info["other_layout"] = o | _path_rates(sec["other_layout_step"],
+                                                       sec["other_layout_trajectory"], sites, B)
+                info["other_layout"]["speedup_of_layout"] = (sec["other_layout_step"]
+                                                             / sec["compiled_step"])
+            if "fused_metropolis_step" in sec:  # the step with the test fused and without
+                fused_s, unfused_s = sec["fused_metropolis_step"], sec["compiled_step"]
+                if info["metropolis_fused"]:
+                    fused_s, unfused_s = unfused_s, fused_s
                 info["fused_metropolis"] = {
-                    "compile_seconds": m["compile_seconds"],
-                    "hmc_step_seconds": sec["fused_metropolis_step"],
-                    "speedup": sec["compiled_step"] / sec["fused_metropolis_step"]}
+                    "in_production": info["metropolis_fused"],
+                    "compile_seconds_of_the_other": m["compile_seconds"],
+                    "hmc_step_seconds": fused_s, "unfused_hmc_step_seconds": unfused_s,
+                    "speedup": unfused_s / fused_s}
             if info["chunk_rows"] < B:  # what the chunks gain: the same batch in one call
                 whole, w = compile_for_shape(action, args.steps, (phi0, pi0), chunk_sites=0)
                 if whole is not None:

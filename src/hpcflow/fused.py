@@ -6,17 +6,31 @@ work to ``torch.compile`` (the inductor backend, which runs on CPU with the syst
 compiler and on CUDA with Triton, from the same source):
 
 - HMC (:class:`~hpcflow.action.Phi4Action`): the whole trajectory of an integrator
-  (:mod:`hpcflow.hmc`), followed by the action at its end point, is one compiled graph.
-  The integrator and the action are the ordinary ones, traced, so there is one source of
-  truth for the MD; the step size and the number of steps are constants of the graph.
-  ``compile_trajectory(..., metropolis=True)`` also fuses the Metropolis test (kinetic
-  energies, dH, accept decisions, selection: :func:`hpcflow.hmc.metropolis`) into the
-  graph, as the step that hmc_step then calls.  Measured in the bench with every path
-  timed in the same rounds (``fused_metropolis`` in the JSON), it
-  was 0.95 to 1.00 times as fast as the compiled trajectory plus the eager test at
-  B = 256 and 1024 on the 2-core CPU (1.05 at B = 64; more only at B = 1 and for chunked
-  batches), so productions do not use it; a GPU, where the eager test's launches cost
-  more, may decide otherwise.
+  (:mod:`hpcflow.hmc`), followed by the action at its end point, compiled.  The integrator
+  and the action are the ordinary ones, traced, so there is one source of truth for the
+  MD; the step size and the number of steps are constants of the graph.  Two layouts, the
+  same numbers bit for bit (:data:`LAYOUTS`, :func:`default_layout`):
+
+  - *batch-major*: the MD as one graph on the [B, L0, L1] batch (GPUs; CPU batches of
+    fewer than :data:`SITE_MAJOR_MIN_BATCH` chains).  On a CPU its rolls along the
+    contiguous x1 are gathered lane by lane with index arithmetic;
+  - *site-major* (CPU, the default from 16 chains): the fields transposed to [L0, L1, B]
+    in one graph, the MD there in a second (every roll moves rows of B contiguous numbers),
+    transposed back in a third (:func:`site_major_parts`).  In the bench's run
+    (results/bench-cpu.json, ``other_layout``) the batch-major step took longer at every
+    B >= 64.
+
+  Both layouts end with the same graphs on the batch-major end point (:func:`end_parts`):
+  the action, or the action and the Metropolis test, so that S and dH are computed alike
+  whatever the layout (:func:`hmc_trajectory`).
+  The Metropolis test (kinetic energies, dH, accept decisions, selection:
+  :func:`hpcflow.hmc.metropolis`) is fused into the graph too, as the step that hmc_step
+  then calls (``step``), in both layouts (bit for bit the same in both; fused in one and
+  eager in the other, dH would differ by rounding between the layouts, so between rank
+  counts).  Measured in the same rounds (the bench's ``fused_metropolis``), the fused
+  step was faster at every B site-major; batch-major, in the earlier committed run, it was
+  1.36 times as fast at B = 1 and 0.95 to 1.00 at B = 256, 1024, a layout CPUs now use
+  only below 16 chains.  ``metropolis=False`` leaves the test eager.
 - FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
   family without hidden channels, e.g. the minimal model): the flowed force *and* action,
   F~(z) and S~(z) from one pass of the generator, are one compiled graph
@@ -29,10 +43,11 @@ compiler and on CUDA with Triton, from the same source):
   keeps the compilation to one small graph (tens of seconds, not minutes).
 
 The compiled functions give the eager numbers up to rounding (HMC: the same operations in
-the same order, in practice bit-identical on CPU; FHMC: the same formulas in another order,
+the same order, phi and pi bit-identical on CPU, S and dH to a few 1e-14 (inductor sums in
+another order); FHMC: the same formulas in another order,
 about 1e-14; both tested to 1e-12), so chains stay independent of the rank count and resume
-exactly.  On a CPU an HMC batch of more than :data:`CPU_CHUNK_ABOVE` sites runs in chunks
-of replicas that stay in cache for the whole trajectory (:func:`chunked`; bit-identical to
+exactly.  On a CPU an HMC batch of more than :data:`CPU_CHUNK_ABOVE` sites (batch-major;
+site-major: :data:`CPU_CHUNK_SITES`) runs in chunks of replicas that stay in cache for the whole trajectory (:func:`chunked`; bit-identical to
 the unchunked call).  Shapes are static: a process compiles once per batch shape (a
 production rank has one; a chunked batch, the chunk's), and the first call pays the
 compilation (tens of seconds on CPU; inductor caches it on disk,
@@ -97,6 +112,89 @@ def eager_step(action, integrator, length: float, n_steps: int) -> Callable:
         return metropolis(phi, S, pi, *trajectory(phi, pi), log_u)
 
     return step
+
+
+def sites_first(phi: torch.Tensor, pi: torch.Tensor):
+    """[B, L0, L1] -> [L0, L1, B] (contiguous), for phi and pi: the site-major layout of
+    the compiled CPU trajectory (:func:`site_major_parts`)."""
+    return phi.permute(1, 2, 0).contiguous(), pi.permute(1, 2, 0).contiguous()
+
+
+def site_major_parts(action, integrator, length: float, n_steps: int):
+    """The MD of a :class:`~hpcflow.action.Phi4Action` trajectory on site-major fields, in
+    two functions for two compiled graphs (after :func:`sites_first`):
+
+    - ``md(p, q)``: the integrator on [L0, L1, B] fields with ``action.force(., dims=(0, 1))``;
+      every roll moves whole rows of B contiguous numbers, so the loops over the batch
+      vectorise without the per-element index arithmetic of a roll along the contiguous x1
+      of a [B, L0, L1] batch (inductor gathers those lanes one by one);
+    - ``batch_first(p, q)`` -> (phi', pi'), back to contiguous [B, L0, L1].
+
+    Each site's arithmetic is the batch-major force's, operation for operation, so phi' and
+    pi' are the eager ones bit for bit (tested).  Kept as separate graphs: in one graph
+    inductor fuses the transpositions into the MD loops, whose loads then gather again."""
+    eps = length / n_steps
+
+    def force(x):
+        return action.force(x, dims=(0, 1))
+
+    def md(p, q):
+        return integrator(p, q, force, eps, n_steps)
+
+    def batch_first(p, q):
+        return p.permute(2, 0, 1).contiguous(), q.permute(2, 0, 1).contiguous()
+
+    return md, batch_first
+
+
+def end_parts(action):
+    """What both layouts compute after the MD, on contiguous [B, L0, L1] end points, as one
+    graph each: ``end_action(phi')`` = S(phi') and ``end_step(phi, S, pi, phi', pi', log_u)``,
+    the Metropolis test (:func:`hpcflow.hmc.metropolis`) with S(phi').  The same graphs for
+    both layouts and any B, so S and dH (sums whose order inductor chooses per graph) do
+    not depend on the layout, which depends on the replicas per rank (a sum of the end
+    point fused into the site-major graphs made dH differ between 1 and 2 ranks)."""
+
+    def end_action(phi_new):
+        return action.action(phi_new)
+
+    def end_step(phi, S, pi, phi_new, pi_new, log_u):
+        return metropolis(phi, S, pi, phi_new, pi_new, action.action(phi_new), log_u)
+
+    return end_action, end_step
+
+
+def _compiled(fn: Callable) -> Callable:
+    return _without_grad(torch.compile(fn, dynamic=False, fullgraph=True))
+
+
+def hmc_trajectory(action, integrator, length: float, n_steps: int, layout: str,
+                   metropolis: bool = True) -> Callable:
+    """The compiled HMC trajectory (phi, pi) -> (phi', pi', S(phi')) on [B, L0, L1] batches
+    in ``layout``: the MD (site-major: :func:`sites_first`, :func:`site_major_parts`;
+    batch-major: the integrator on the batch, one graph), then :func:`end_parts`.  With
+    ``metropolis`` it carries ``step`` (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted)."""
+    if layout == "site-major":
+        md, back = site_major_parts(action, integrator, length, n_steps)
+        to_sites, md, back = _compiled(sites_first), _compiled(md), _compiled(back)
+
+        def end_points(phi, pi):
+            return back(*md(*to_sites(phi, pi)))
+    else:
+        eps = length / n_steps
+        end_points = _compiled(lambda phi, pi: integrator(phi, pi, action.force, eps, n_steps))
+    end_action, end_step = (_compiled(f) for f in end_parts(action))
+
+    def trajectory(phi, pi):
+        phi_new, pi_new = end_points(phi, pi)
+        return phi_new, pi_new, end_action(phi_new)
+
+    if metropolis:
+        def step(phi, S, pi, log_u):
+            return end_step(phi, S, pi, *end_points(phi, pi), log_u)
+
+        trajectory.step = step
+    return trajectory
 
 
 def stencil_trajectory(stencil: "StencilFlow", integrator, length: float, n_steps: int,
@@ -166,13 +264,37 @@ CPU_CHUNK_SITES = 65536
 CPU_CHUNK_ABOVE = 2 ** 21
 
 
-def chunk_rows(B: int, sites: int, device, chunk_sites: int | None = None) -> int:
+LAYOUTS = ("site-major", "batch-major")
+
+
+#: Smallest batch (replicas per rank) run site-major on a CPU: the batch is the vectorised
+#: dimension there (16 float64 lanes in inductor's AVX-512 loops); a batch of one ran 5 to
+#: 18 times slower site-major (results/bench-cpu.json, ``other_layout``).
+SITE_MAJOR_MIN_BATCH = 16
+
+
+def default_layout(device, B: int) -> str:
+    """The compiled HMC trajectory's layout for B chains on ``device``: site-major on a CPU
+    for B >= :data:`SITE_MAJOR_MIN_BATCH` (measured in the bench, ``other_layout``: the
+    batch-major trajectory at B = 64 ... 1024 took 1.1 to 1.4 times as long), batch-major
+    elsewhere (a GPU reads the rolls of a [B, L0, L1] batch coalesced, and the
+    transpositions would be two more passes; not measured, no GPU was lent).  The layouts
+    give the same numbers bit for bit, so the choice, which depends on the replicas per
+    rank, does not make chains depend on the rank count."""
+    cpu = torch.device(device).type == "cpu"
+    return "site-major" if cpu and B >= SITE_MAJOR_MIN_BATCH else "batch-major"
+
+
+def chunk_rows(B: int, sites: int, device, chunk_sites: int | None = None,
+               layout: str = "batch-major") -> int:
     """Replicas per call for a batch of B chains of ``sites`` sites each: B on a GPU (it
     wants the whole batch), with ``chunk_sites`` 0, or on a CPU for a batch of at most
-    :data:`CPU_CHUNK_ABOVE` sites; else B split into n = ceil(B sites / chunk_sites) chunks
-    of ceil(B / n) replicas (at least one).  ``chunk_sites`` None: :data:`CPU_CHUNK_SITES`
-    (given explicitly, it applies to any batch larger than itself)."""
-    above = CPU_CHUNK_ABOVE if chunk_sites is None else chunk_sites
+    :data:`CPU_CHUNK_ABOVE` sites (batch-major) or :data:`CPU_CHUNK_SITES` (site-major);
+    else B split into n = ceil(B sites / chunk_sites) chunks of ceil(B / n) replicas (at
+    least one).  ``chunk_sites`` None: :data:`CPU_CHUNK_SITES` (given explicitly, it applies
+    to any batch larger than itself)."""
+    above = ((CPU_CHUNK_SITES if layout == "site-major" else CPU_CHUNK_ABOVE)
+             if chunk_sites is None else chunk_sites)
     if chunk_sites is None:
         chunk_sites = CPU_CHUNK_SITES
     if chunk_sites <= 0 or torch.device(device).type != "cpu" or B * sites <= above:
@@ -207,7 +329,8 @@ def chunked(fn: Callable, rows: int) -> Callable:
 
 def compile_trajectory(action, integrator, length: float, n_steps: int,
                        example: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       chunk_sites: int | None = None, metropolis: bool = False) -> Callable:
+                       chunk_sites: int | None = None, metropolis: bool | None = None,
+                       layout: str | None = None) -> Callable:
     """The fused trajectory (phi, pi) -> (phi', pi', S(phi')) of ``integrator`` over
     ``action`` with step length / n_steps (see the module docstring for what is fused).
     With ``metropolis`` (a Phi4Action only) it carries ``step``, the trajectory and the
@@ -219,7 +342,15 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
     :func:`eager_trajectory`); without it, at the first call.  HMC on a CPU with an example
     of more than ``chunk_sites`` sites runs in chunks of replicas (:func:`chunk_rows`,
     :func:`chunked`; the same numbers, bit for bit); ``chunk_sites`` None: the module's
-    :data:`CPU_CHUNK_SITES`, 0: never."""
+    :data:`CPU_CHUNK_SITES`, 0: never.
+
+    ``layout`` (HMC): ``"site-major"`` (:func:`hmc_trajectory`) or ``"batch-major"``
+    (the trajectory on [B, L0, L1] as one graph); None: :func:`default_layout` of the
+    example (batch-major without one).  Both give the same numbers bit for bit.
+    ``metropolis`` None: fused (HMC), whatever the layout: the fused test's dH and S
+    differ from the eager test's by rounding, so a choice that depended on the layout,
+    which depends on the replicas per rank, would make the chains depend on the rank count
+    (tests/test_mpi.py caught it)."""
     if type(action) is FlowedAction:
         reason = _flowed_reason(action)
         if reason is not None:
@@ -231,19 +362,24 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
         fn = _without_grad(stencil_trajectory(stencil, integrator, length, n_steps, fa))
         fn.stencil, fn.force_and_action = stencil, fa  # for the bench's force timing
     elif compilable(action):
-        fn = _without_grad(torch.compile(eager_trajectory(action, integrator, length, n_steps),
-                                         dynamic=False, fullgraph=True))
-        step = (_without_grad(torch.compile(eager_step(action, integrator, length, n_steps),
-                                            dynamic=False, fullgraph=True))
-                if metropolis else None)
+        if example is not None:
+            layout = layout or default_layout(example[0].device, example[0].shape[0])
+        layout = layout or "batch-major"
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if metropolis is None:
+            metropolis = True
+        fn = hmc_trajectory(action, integrator, length, n_steps, layout, metropolis)
+        step = getattr(fn, "step", None)
         if example is not None:
             phi = example[0]
-            rows = chunk_rows(phi.shape[0], phi[0].numel(), phi.device, chunk_sites)
+            rows = chunk_rows(phi.shape[0], phi[0].numel(), phi.device, chunk_sites, layout)
             if rows < phi.shape[0]:
                 fn = chunked(fn, rows)
                 step = chunked(step, rows) if step is not None else None
         if step is not None:
             fn.step = step
+        fn.layout = layout
     else:
         raise CompileUnavailable(f"{type(action).__name__} is not fused (only Phi4Action and "
                                  "FlowedAction over it)")

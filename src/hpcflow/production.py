@@ -316,6 +316,8 @@ def _trajectory(cfg, world, section, spec, phi):
         return None
     rows = getattr(fn, "rows", None)
     chunks = f", in chunks of {rows}" if rows else ""
+    if getattr(fn, "layout", None):
+        chunks += f", {fn.layout}" + (", Metropolis test fused" if hasattr(fn, "step") else "")
     logger.info(f"[{spec.stage}] fused trajectory compiled in {time.perf_counter() - t0:.1f} s "
                 f"(torch.compile, {len(phi)} chains on rank {world.rank}{chunks})")
     return fn
