@@ -17,8 +17,8 @@ compiler and on CUDA with Triton, from the same source):
   - *site-major* (CPU, the default from 16 chains): the fields transposed to [L0, L1, B]
     in one graph, the MD there in a second (every roll moves rows of B contiguous numbers),
     transposed back in a third (:func:`site_major_parts`).  In the bench's run
-    (results/bench-cpu.json, ``other_layout``) the batch-major step took longer at every
-    B >= 64.
+    (results/bench-cpu.json, ``other_layout``) the batch-major step took 1.15 to 1.39
+    times as long at B >= 256 and at L = 64, B = 64, as long at L = 16, B = 64.
 
   Both layouts end with the same graphs on the batch-major end point (:func:`end_parts`):
   the action, or the action and the Metropolis test, so that S and dH are computed alike
@@ -105,7 +105,7 @@ def eager_trajectory(action, integrator, length: float, n_steps: int) -> Callabl
 def eager_step(action, integrator, length: float, n_steps: int) -> Callable:
     """(phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted): the trajectory of
     :func:`eager_trajectory` and the Metropolis test (:func:`hpcflow.hmc.metropolis`), what
-    hmc_step computes eagerly; compiled as one graph by :func:`compile_trajectory`."""
+    hmc_step computes eagerly; the reference of the compiled step (:func:`hmc_trajectory`)."""
     trajectory = eager_trajectory(action, integrator, length, n_steps)
 
     def step(phi, S, pi, log_u):
@@ -250,15 +250,16 @@ def new_job() -> None:
     torch._dynamo.reset()
 
 
-#: CPU: a batch of more than ``CPU_CHUNK_ABOVE`` sites (replicas x L^2; 2^21 sites are
-#: 16 MB per float64 field, beyond a CPU's last-level cache share) runs its compiled HMC
-#: trajectory in chunks of replicas of at most ``CPU_CHUNK_SITES`` sites (:func:`chunked`),
-#: so that a chunk's fields stay in cache for the 2 n_steps + 1 passes of its trajectory
-#: instead of streaming from memory on every pass.  Measured in one bench run on the 2-core
-#: development machine (results/bench-cpu.json, ``unchunked``): the L = 64, B = 1024
-#: trajectory ran 3.6 times faster in chunks of 16 replicas (308 against 86 M
-#: site-steps/s), while in an earlier run (not kept) batches that fit in cache (L = 16,
-#: B = 1024; L = 64, B = 64 and 256) ran 7-20 % slower chunked, hence the threshold.
+#: CPU: a batch-major batch of more than ``CPU_CHUNK_ABOVE`` sites (2^21 sites are 16 MB per
+#: float64 field, beyond a CPU's last-level cache share), a site-major one of more than
+#: ``CPU_CHUNK_SITES``, runs its compiled HMC trajectory in chunks of replicas of at most
+#: ``CPU_CHUNK_SITES`` sites (:func:`chunked`), so that a chunk's fields stay in cache for
+#: the 2 n_steps + 1 passes of its trajectory instead of streaming from memory on every
+#: pass.  Measured in one bench run on the 2-core development machine
+#: (results/bench-cpu.json, ``unchunked``), site-major: L = 64 trajectories at 389, 346, 301
+#: M site-steps/s chunked (B = 64, 256, 1024) against 389, 242, 100 M in one call; the
+#: L = 16, B = 1024 one at 344 chunked against 332 M.  Batch-major, in an earlier run,
+#: batches that fit in cache ran 7-20 % slower chunked, hence its higher threshold.
 #: ``python -m hpcflow.bench --chunk-sites N`` measures another chunk size.
 CPU_CHUNK_SITES = 65536
 CPU_CHUNK_ABOVE = 2 ** 21
@@ -268,15 +269,16 @@ LAYOUTS = ("site-major", "batch-major")
 
 
 #: Smallest batch (replicas per rank) run site-major on a CPU: the batch is the vectorised
-#: dimension there (16 float64 lanes in inductor's AVX-512 loops); a batch of one ran 5 to
-#: 18 times slower site-major (results/bench-cpu.json, ``other_layout``).
+#: dimension there (16 float64 lanes in inductor's AVX-512 loops); a batch of one ran 3.1 to
+#: 3.3 times slower site-major (results/bench-cpu.json, ``other_layout``).
 SITE_MAJOR_MIN_BATCH = 16
 
 
 def default_layout(device, B: int) -> str:
     """The compiled HMC trajectory's layout for B chains on ``device``: site-major on a CPU
     for B >= :data:`SITE_MAJOR_MIN_BATCH` (measured in the bench, ``other_layout``: the
-    batch-major trajectory at B = 64 ... 1024 took 1.1 to 1.4 times as long), batch-major
+    batch-major step at B = 256 ... 1024 and at L = 64, B = 64 took 1.15 to 1.39 times as
+    long, at L = 16, B = 64 as long), batch-major
     elsewhere (a GPU reads the rolls of a [B, L0, L1] batch coalesced, and the
     transpositions would be two more passes; not measured, no GPU was lent).  The layouts
     give the same numbers bit for bit, so the choice, which depends on the replicas per
@@ -334,7 +336,8 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
     """The fused trajectory (phi, pi) -> (phi', pi', S(phi')) of ``integrator`` over
     ``action`` with step length / n_steps (see the module docstring for what is fused).
     With ``metropolis`` (a Phi4Action only) it carries ``step``, the trajectory and the
-    Metropolis test in one graph (:func:`eager_step`), which :func:`hpcflow.hmc.hmc_step`
+    Metropolis test compiled (:func:`hmc_trajectory`; what :func:`eager_step` computes),
+    which :func:`hpcflow.hmc.hmc_step`
     calls instead, and the example compiles the step (the trajectory alone, lazily).
 
     With ``example`` = (phi, pi) the compilation happens here, and a failure raises
