@@ -40,6 +40,17 @@ def chain(trajectory, n=30, action=TARGET):
     return torch.stack(phis), torch.stack(accepts)
 
 
+def assert_same_and_eager(got, want, eager):
+    """``got`` == ``want`` bit for bit, tensor by tensor, and both the ``eager`` results to
+    1e-12 (accept decisions: equal)."""
+    for g, w, e in zip(got, want, eager):
+        assert g.shape == w.shape == e.shape and torch.equal(g, w)
+        if g.dtype == torch.bool:
+            assert torch.equal(g, e)
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("metropolis,layout", [(None, None), (False, "batch-major"),
                                                (None, "site-major")],
@@ -139,12 +150,7 @@ def test_layouts_are_bit_identical(B_, L_, integrator):
     eager = (fused.eager_trajectory(TARGET, integ, 1.0, 4)(phi, pi),
              fused.eager_step(TARGET, integ, 1.0, 4)(phi, S, pi, log_u))
     for site, batch, e in zip(*out.values(), eager):
-        for a, b, c in zip(site, batch, e):
-            assert a.shape == b.shape == c.shape and torch.equal(a, b)
-            if a.dtype == torch.bool:
-                assert torch.equal(a, c)
-            else:
-                torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+        assert_same_and_eager(site, batch, e)
     assert 0 < int(out["site-major"][1][3].sum()) < B_
 
 
@@ -178,12 +184,7 @@ def test_chunked_trajectory_is_the_whole_batch_bit_for_bit():
     got = parts.step(phi, S, pi, log_u)
     want = whole.step(phi, S, pi, log_u)
     eager = fused.eager_step(TARGET, integ, 1.0, 4)(phi, S, pi, log_u)
-    for g, w, e in zip(got, want, eager):
-        assert g.shape == w.shape == e.shape and torch.equal(g, w)
-        if g.dtype == torch.bool:
-            assert torch.equal(g, e)
-        else:
-            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert_same_and_eager(got, want, eager)
     assert 0 < int(got[3].sum()) < B_, got[2]
     state = init_state(TARGET, phi)
     with torch._dynamo.config.patch(error_on_recompile=True), torch.enable_grad():

@@ -12,8 +12,8 @@ block), so the ratios within a cell compare blocks measured seconds apart.
     leapfrog, ``--steps`` (10) steps of length 1, on a batch [B, L, L]:
 
     - ``eager`` and ``compiled`` (the fused trajectory of :mod:`hpcflow.fused` as a
-      production runs it: its ``layout``, site-major on a CPU from 16 chains, with the
-      Metropolis test fused there (``metropolis_fused``), compiled once per shape, its
+      production runs it: its ``layout``, site-major on a CPU from 16 chains, the
+      Metropolis test fused (``metropolis_fused``), compiled once per shape, its
       ``compile_seconds`` reported apart and not in any rate; on a CPU a batch of more than
       ``fused.CPU_CHUNK_ABOVE`` sites (site-major: ``fused.CPU_CHUNK_SITES``) runs in
       chunks of ``chunk_rows`` replicas, and ``unchunked`` is the same trajectory in one
@@ -370,9 +370,8 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
     if info is not None:
         if "compiled_step" in sec:
             info |= _path_rates(sec["compiled_step"], sec["compiled_trajectory"], sites, B)
-            # every graph of the three paths compiled once (site-major: 3 for the trajectory,
-            # 1 more for the fused-Metropolis step; batch-major: 1 each); the timed calls on
-            # other tensors of the same shape reused them
+            # the graphs dynamo compiled for the three paths (the production's, the other
+            # Metropolis choice, the other layout), before and during the timed calls
             info["graphs_compiled"] = _graphs() - g0
             if "other_layout_step" in sec:
                 o.pop("_g0")

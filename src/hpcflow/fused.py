@@ -27,10 +27,9 @@ compiler and on CUDA with Triton, from the same source):
   :func:`hpcflow.hmc.metropolis`) is fused into the graph too, as the step that hmc_step
   then calls (``step``), in both layouts (bit for bit the same in both; fused in one and
   eager in the other, dH would differ by rounding between the layouts, so between rank
-  counts).  Measured in the same rounds (the bench's ``fused_metropolis``), the fused
-  step was faster at every B site-major; batch-major, in the earlier committed run, it was
-  1.36 times as fast at B = 1 and 0.95 to 1.00 at B = 256, 1024, a layout CPUs now use
-  only below 16 chains.  ``metropolis=False`` leaves the test eager.
+  counts).  Measured in the same rounds (results/bench-cpu.json, ``fused_metropolis``),
+  eager / fused step seconds were 0.93 to 1.29 site-major (B = 64 ... 1024) and 1.06, 1.14
+  batch-major (B = 1).  ``metropolis=False`` leaves the test eager.
 - FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
   family without hidden channels, e.g. the minimal model): the flowed force *and* action,
   F~(z) and S~(z) from one pass of the generator, are one compiled graph
@@ -47,8 +46,8 @@ the same order, phi and pi bit-identical on CPU, S and dH to a few 1e-14 (induct
 another order); FHMC: the same formulas in another order,
 about 1e-14; both tested to 1e-12), so chains stay independent of the rank count and resume
 exactly.  On a CPU an HMC batch of more than :data:`CPU_CHUNK_ABOVE` sites (batch-major;
-site-major: :data:`CPU_CHUNK_SITES`) runs in chunks of replicas that stay in cache for the whole trajectory (:func:`chunked`; bit-identical to
-the unchunked call).  Shapes are static: a process compiles once per batch shape (a
+site-major: :data:`CPU_CHUNK_SITES`) runs in chunks of replicas that stay in cache for
+the whole trajectory (:func:`chunked`; bit-identical to the unchunked call).  Shapes are static: a process compiles once per batch shape (a
 production rank has one; a chunked batch, the chunk's), and the first call pays the
 compilation (tens of seconds on CPU; inductor caches it on disk,
 ``TORCHINDUCTOR_CACHE_DIR``).  Other actions (flows with hidden channels, other targets)
@@ -278,8 +277,7 @@ def default_layout(device, B: int) -> str:
     """The compiled HMC trajectory's layout for B chains on ``device``: site-major on a CPU
     for B >= :data:`SITE_MAJOR_MIN_BATCH` (measured in the bench, ``other_layout``: the
     batch-major step at B = 256 ... 1024 and at L = 64, B = 64 took 1.15 to 1.39 times as
-    long, at L = 16, B = 64 as long), batch-major
-    elsewhere (a GPU reads the rolls of a [B, L0, L1] batch coalesced, and the
+    long, at L = 16, B = 64 as long), batch-major elsewhere (a GPU reads the rolls of a [B, L0, L1] batch coalesced, and the
     transpositions would be two more passes; not measured, no GPU was lent).  The layouts
     give the same numbers bit for bit, so the choice, which depends on the replicas per
     rank, does not make chains depend on the rank count."""

@@ -147,8 +147,8 @@ def metropolis(phi, S, pi, phi_new, pi_new, S_new, log_u):
 
     chain b accepts when log_u[b] < -dH[b] (probability min(1, exp(-dH))).  Returns
     (phi_out, S_out, dH, accepted): phi' and S(phi') where accepted, phi and S elsewhere.
-    The eager test of :func:`hmc_step`, and the end of the optional fused step
-    (:func:`hpcflow.fused.compile_trajectory` with ``metropolis=True``)."""
+    The eager test of :func:`hmc_step`, and the end of the compiled step
+    (:func:`hpcflow.fused.compile_trajectory`, unless ``metropolis=False``)."""
     dH = (kinetic(pi_new) + S_new) - (kinetic(pi) + S)
     accepted = log_u < -dH
     keep = accepted.view(-1, *([1] * (phi.dim() - 1)))
@@ -190,8 +190,8 @@ def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
         (phi, pi) -> (phi', pi', S(phi')): replaces the integration and the final action,
         the fused, compiled form of the same (:mod:`hpcflow.fused`).  One that carries a
         fused step (its attribute ``step``: (phi, S, pi, log_u) -> (phi_out, S_out, dH,
-        accepted), the trajectory and :func:`metropolis` in one compiled call;
-        ``fused.compile_trajectory(..., metropolis=True)``) runs that instead.
+        accepted), the trajectory and :func:`metropolis` compiled; what
+        ``fused.compile_trajectory`` returns for HMC by default) runs that instead.
 
     Returns
     -------
