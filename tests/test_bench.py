@@ -13,7 +13,7 @@ from hpcflow.hmc import INTEGRATORS
 
 TARGET = Phi4Action(0.634, 0.5)
 TINY = ["--Ls", "4,6", "--batches", "1,3", "--min-seconds", "0", "--repeat", "1",
-        "--fhmc-L", "4", "--fhmc-batch", "2"]
+        "--fhmc-L", "4", "--fhmc-batch", "2", "--no-production"]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,15 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
                                                        / cell["compiled"]["hmc_step_seconds"])
         assert cell["reference"]["site_steps_per_second"] > 0
         assert set(cell["ratio_to_reference"]) == {"eager_hmc_step", "eager_trajectory",
-                                                   "compiled_hmc_step", "compiled_trajectory"}
+                                                   "compiled_hmc_step", "compiled_trajectory",
+                                                   "compiled_philox_hmc_step"}
+        p = cell["compiled"]["philox"]  # the compiled step with Philox momenta
+        assert p["speedup_over_pcg64"] == pytest.approx(cell["compiled"]["hmc_step_seconds"]
+                                                        / p["hmc_step_seconds"])
+        assert p["momenta"]["ns_per_normal"] == pytest.approx(
+            1e9 * p["momenta"]["seconds"] / (cell["B"] * cell["L"] ** 2))
+        assert cell["ratio_to_reference"]["compiled_philox_hmc_step"] == pytest.approx(
+            cell["reference"]["seconds"] / p["hmc_step_seconds"])
         assert cell["best_ratio_to_reference"] > 0
         # 48 sites a call: L = 6, B = 3 (108 sites) runs one replica at a time
         assert cell["compiled"]["chunk_rows"] == (1 if (cell["L"], cell["B"]) == (6, 3) else cell["B"])
@@ -175,3 +183,25 @@ def test_memory_and_weak_scaling(tmp_path):
         assert w["efficiency"] == pytest.approx(statistics.median(runs["1"])
                                                 / statistics.median(runs["2"]))
         assert w["efficiency_by_pair"] == pytest.approx([a / b for a, b in zip(runs["1"], runs["2"])])
+
+
+@pytest.mark.slow
+def test_production_section(tmp_path):
+    """Every compile x rng variant as a whole production, in rounds; speedups over eager
+    PCG64 from the medians of the productions' /cost/seconds."""
+    out = tmp_path / "b.json"
+    assert bench.main([*TINY[:-1], "--no-compile", "--no-fhmc", "--no-reference", "--no-memory",
+                       "--no-scaling", "--Ls", "4", "--batches", "1", "--production-L", "4",
+                       "--production-replicas", "2", "--production-trajectories", "20",
+                       "--production-repeat", "2", "--out", str(out)]) == 0
+    p = json.loads(out.read_text())["production"]
+    assert set(p["variants"]) == {f"compile={c},rng={g}" for c, g in bench.PRODUCTION_VARIANTS}
+    for v in p["variants"].values():
+        assert "skipped" not in v, v
+        assert len(v["runs_seconds"]) == 2
+        assert v["seconds"] == pytest.approx(statistics.median(v["runs_seconds"]))
+        assert v["wall_seconds"] > v["seconds"] > 0 and 0 < v["acceptance"] <= 1
+    base = p["variants"]["compile=off,rng=pcg64"]
+    assert base["speedup"] == 1.0
+    on = p["variants"]["compile=on,rng=philox"]
+    assert on["speedup"] == pytest.approx(base["seconds"] / on["seconds"])

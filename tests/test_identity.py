@@ -22,9 +22,9 @@ TRAIN = {f"train.{k}" for k in ("iterations", "batch_size", "lr", "schedule", "m
 
 BASES = {  # stage -> (sections of its input, keys whose change must be refused)
     "hmc": (dict(run={"stages": "hmc"}, hmc={"save_every": 5}, analysis={}),
-            {"run.seed", *THEORY, *(f"hmc.{k}" for k in HMC_KEYS)}),
+            {"run.seed", "run.rng", *THEORY, *(f"hmc.{k}" for k in HMC_KEYS)}),
     "coarse": (dict(run={"stages": "coarse"}, coarse={}, analysis={}),
-               {"run.seed", "theory.lambda", "analysis.S",
+               {"run.seed", "run.rng", "theory.lambda", "analysis.S",
                 *(f"coarse.{k}" for k in ("beta", "L", "replicas", "samples", "eval_samples",
                                          "spacing", "pilot", "thermalization", "length",
                                          "steps", "integrator", "seed"))}),
@@ -34,13 +34,14 @@ BASES = {  # stage -> (sections of its input, keys whose change must be refused)
               {"run.seed", *THEORY, *FLOW, *TRAIN}),
     "fhmc": (dict(run={"stages": "train, fhmc"}, theory={"L": 6}, flow={}, train={}, fhmc={}, coarse={"L": 6},
                   analysis={}),
-             {"run.seed", *THEORY, *FLOW, *TRAIN, *(f"fhmc.{k}" for k in HMC_KEYS)}),
+             {"run.seed", "run.rng", *THEORY, *FLOW, *TRAIN, *(f"fhmc.{k}" for k in HMC_KEYS)}),
 }
 
 # A valid other value for every key (None: "a different path", filled in per test).
 OTHER = {
     "run": {"name": "other", "seed": 8, "device": "auto", "threads": 1, "io": "gather",
-            "checkpoint_every": 3, "progress_every": 1.0, "compile": "auto", "output": None},
+            "checkpoint_every": 3, "progress_every": 1.0, "compile": "auto", "output": None,
+            "rng": "philox"},
     "theory": {"L": 8, "beta": 0.45, "lambda": 0.6},
     "hmc": {"replicas": 3, "trajectories": 30, "thermalization": 6, "length": 0.9, "steps": 6,
             "integrator": "omf2", "save_every": 2, "start": "hot"},

@@ -22,22 +22,25 @@ def mpi_dirs(root, *names):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("compile_mode", ["off", "on"])
-def test_one_rank_and_many_ranks_give_identical_chains(mpi_tmp_path, compile_mode):
+@pytest.mark.parametrize("compile_mode,generator", [("off", "pcg64"), ("on", "pcg64"),
+                                                    ("off", "philox"), ("on", "philox")])
+def test_one_rank_and_many_ranks_give_identical_chains(mpi_tmp_path, compile_mode, generator):
     """Eager, and fused by torch.compile (one compilation per rank and batch shape): 20
     replicas run site-major on one rank and batch-major as 10 per rank on two
-    (fused.SITE_MAJOR_MIN_BATCH = 16), with the same chains bit for bit."""
+    (fused.SITE_MAJOR_MIN_BATCH = 16), with the same chains bit for bit; with either
+    generator ([run] rng; Philox compiled with compile = on, 20 or 10 rows a draw)."""
     from mpi4py import MPI
 
     from hpcflow import run
 
-    comm, (many, one) = mpi_dirs(mpi_tmp_path, f"many-{compile_mode}", f"one-{compile_mode}")
+    comm, (many, one) = mpi_dirs(mpi_tmp_path, f"many-{compile_mode}-{generator}",
+                                 f"one-{compile_mode}-{generator}")
     kw = dict(L=6, replicas=20, trajectories=30, thermalization=3, save_every=10,
               checkpoint_every=7, stages="hmc, analysis")
     if comm.Get_rank() == 0:
         for d in (many, one):
             path = write_input(d, **kw)
-            path.write_text(path.read_text().replace("[run]\n", f"[run]\ncompile = {compile_mode}\n", 1))
+            path.write_text(path.read_text().replace("[run]\n", f"[run]\ncompile = {compile_mode}\nrng = {generator}\n", 1))
     comm.Barrier()
     assert run.main([str(many / "t.ini")]) == 0
     failure = None

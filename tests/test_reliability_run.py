@@ -110,19 +110,21 @@ def test_without_flock_a_lock_file_with_host_and_pid(tmp_path, monkeypatch, capl
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_a_signal_checkpoints_and_exits_3_and_the_rerun_is_bit_identical(tmp_path, sig):
-    kw = dict(L=6, replicas=2, trajectories=3000, thermalization=10, checkpoint_every=1000,
+    # The signal goes as soon as the file exists (its first checkpoint, trajectory 1000):
+    # 5000 trajectories are then left, seconds of work even on a fast machine (a fixed
+    # sleep after it let an unloaded machine finish 3000 first: exit 0, not 3).
+    kw = dict(L=6, replicas=2, trajectories=6000, thermalization=10, checkpoint_every=1000,
               save_every=50)
     ini = write_input(tmp_path, **kw)
     p = start(ini)
     wait_for(lambda: (tmp_path / "out" / "hmc.h5").exists(), what="the run's file")
-    time.sleep(1.0)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 3, out + err
     assert f"stopped by {signal.Signals(sig).name} at trajectory" in err
     assert "rerun the same command to resume" in err
     stopped_at = counter(tmp_path / "out" / "hmc.h5")
-    assert 0 < stopped_at < 3010 and stopped_at % 1000  # a checkpoint of its own, not a due one
+    assert 0 < stopped_at < 6010 and stopped_at % 1000  # a checkpoint of its own, not a due one
     assert run.main([str(ini)]) == 0
     (tmp_path / "ref").mkdir()
     ref = write_input(tmp_path / "ref", **kw)

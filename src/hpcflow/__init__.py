@@ -11,7 +11,8 @@ Flows
     global scale; ``Flow(L)`` is the minimal model), :class:`IdentityFlow`.
 HMC (an ``init``/``step`` kernel with explicit randomness)
     :func:`init_state`, :func:`hmc_step`, :class:`HMCState`, :class:`HMCInfo`,
-    :data:`INTEGRATORS`, :class:`ReplicaStreams` (one random stream per replica).
+    :data:`INTEGRATORS`, :class:`ReplicaStreams` (one random stream per replica; PCG64 on
+    the host), :class:`PhiloxStreams` (the same, counter-based, on the chains' device).
 Training
     :class:`Trainer` (reverse KL, a plain loop with callbacks), the priors
     :class:`GaussianPrior`, :class:`CoarseVolumePrior`, :class:`CoarseInterleavePrior`.
@@ -50,7 +51,7 @@ _EXPORTS = {
     "init_state": "hmc",
     "OBSERVABLES": "observables",
     "CoarseInterleavePrior": "priors", "CoarseVolumePrior": "priors", "GaussianPrior": "priors",
-    "ReplicaStreams": "rng",
+    "PhiloxStreams": "rng", "ReplicaStreams": "rng",
     "Ensemble": "store", "load_ensemble": "store",
     "Trainer": "train",
 }
@@ -80,6 +81,6 @@ if TYPE_CHECKING:  # for static analysis and IDEs only
     from .hmc import INTEGRATORS, HMCInfo, HMCState, hmc_step, init_state  # noqa: F401
     from .observables import OBSERVABLES  # noqa: F401
     from .priors import CoarseInterleavePrior, CoarseVolumePrior, GaussianPrior  # noqa: F401
-    from .rng import ReplicaStreams  # noqa: F401
+    from .rng import PhiloxStreams, ReplicaStreams  # noqa: F401
     from .store import Ensemble, load_ensemble  # noqa: F401
     from .train import Trainer  # noqa: F401

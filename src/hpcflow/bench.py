@@ -35,6 +35,10 @@ block), so the ratios within a cell compare blocks measured seconds apart.
       streams (B L^2 normals, B uniforms), ns per normal, the fraction of the compiled
       hmc_step, and ``bound_ratio_to_reference`` = reference / momenta seconds, the ceiling
       of ``ratio_to_reference`` that drawing them sets however fast the trajectory is.
+    - ``compiled.philox``: the compiled hmc_step with the momenta from compiled Philox
+      streams (``[run] rng = philox``) instead, timed in the same rounds: rates,
+      ``speedup_over_pcg64`` (compiled step seconds / this one's), its ``momenta`` (ns per
+      normal, fraction of the step, bound), and ``ratio_to_reference.compiled_philox_hmc_step``.
 ``fhmc``
     FHMC over the minimal flow (k = 3, one coupling layer, no hidden channels; generic
     weights) against HMC at L = ``--fhmc-L`` (16), B = ``--fhmc-batch`` (64): seconds per
@@ -60,6 +64,13 @@ block), so the ratios within a cell compare blocks measured seconds apart.
     median(2-rank seconds), with every run's seconds and each pair's efficiency kept
     (``efficiency_by_pair``: its spread is the measurement's).  Without ``mpirun`` it is
     skipped and the command is recorded.
+``production``
+    Whole single-rank productions (``python -m hpcflow.run``, L = ``--production-L`` (16),
+    ``--production-replicas`` (64), ``--production-trajectories`` (1000), configurations
+    saved every 10, checkpoints every 100) for every ``[run] compile`` x ``[run] rng`` of
+    :data:`PRODUCTION_VARIANTS`, ``--production-repeat`` (3) rounds of the variants in turn:
+    median ``/cost/seconds`` (compilation excluded), median process wall time (start-up and
+    compilation included), and the speedup over compile = off, rng = pcg64.
 ``targets``
     The issue's targets as ratios with pass flags (None where not measured):
     HMC at B = 64, L = 16 >= 40% of the reference, at L = 64 >= 50% (the full HMC step,
@@ -105,6 +116,7 @@ import torch
 from . import __version__
 from .action import Phi4Action
 from .hmc import INTEGRATORS, hmc_step, init_state
+from . import rng
 from .rng import ReplicaStreams
 from .fused import LAYOUTS
 
@@ -154,18 +166,29 @@ def seconds_together(fns: dict, device, min_seconds: float = 0.3, repeat: int = 
     return best
 
 
-def hmc_runner(action, B: int, L: int, steps: int, device, trajectory=None, seed: int = 1):
+def bench_streams(generator: str, B: int, L: int, device, purpose: str, seed: int):
+    """The replicas' streams a production of ``[run] rng = generator`` draws from (Philox
+    compiled and warmed up for [B, L, L] draws: raises when compilation fails)."""
+    streams = rng.streams(generator, seed, range(B), purpose, device)
+    if generator == "philox":
+        streams.compile()
+        streams.warm_up((L, L))
+    return streams
+
+
+def hmc_runner(action, B: int, L: int, steps: int, device, trajectory=None, seed: int = 1,
+               generator: str = "pcg64"):
     """A function that runs one HMC trajectory (``hmc_step``, leapfrog, length 1) of B chains,
     each call continuing the chains: momenta and Metropolis numbers from the replicas'
-    streams, as in a production."""
-    streams = ReplicaStreams(seed, range(B), "bench")
+    streams of ``generator`` (``[run] rng``), as in a production."""
+    streams = bench_streams(generator, B, L, device, "bench", seed)
     state = init_state(action, 0.5 * streams.normal((L, L), device))
     integ = INTEGRATORS["leapfrog"]
 
     def one():
         nonlocal state
-        state, _ = hmc_step(action, state, streams.normal((L, L), device),
-                            streams.log_uniform(device), integ, 1.0, steps, trajectory=trajectory)
+        state, _ = hmc_step(action, state, *streams.momenta((L, L), device), integ, 1.0, steps,
+                            trajectory=trajectory)
     return one
 
 
@@ -310,18 +333,18 @@ def compile_for_shape(action, steps: int, example, chunk_sites: int | None = Non
                 "chunk_rows": getattr(fn, "rows", example[0].shape[0]), "_g0": g0}
 
 
-def momenta_draw(B: int, L: int, device):
+def momenta_draw(B: int, L: int, device, generator: str = "pcg64"):
     """One trajectory's random numbers drawn the way a production does: B x L^2 momenta and
-    B Metropolis numbers from the replicas' own streams (:class:`hpcflow.rng.ReplicaStreams`,
-    PCG64 with numpy's ziggurat normals).  Every hmc_step pays it, so
-    ``bound_ratio_to_reference`` = reference seconds / its seconds is the most any fused
-    trajectory can reach in ``ratio_to_reference`` while the momenta come from these
-    streams."""
-    streams = ReplicaStreams(3, range(B), "bench-momenta")
+    B Metropolis numbers from the replicas' own streams (``pcg64``:
+    :class:`hpcflow.rng.ReplicaStreams`, numpy's ziggurat normals on the host; ``philox``:
+    :class:`hpcflow.rng.PhiloxStreams`, compiled Box-Muller on the device).  Every hmc_step
+    pays it, so ``bound_ratio_to_reference`` = reference seconds / its seconds is the most
+    any fused trajectory can reach in ``ratio_to_reference`` while the momenta come from
+    these streams."""
+    streams = bench_streams(generator, B, L, device, "bench-momenta", 3)
 
     def draw():
-        streams.normal((L, L), device)
-        streams.log_uniform(device)
+        streams.momenta((L, L), device)
 
     return draw
 
@@ -329,6 +352,7 @@ def momenta_draw(B: int, L: int, device):
 def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) -> dict:
     """One (L, B) cell of the HMC table: eager, compiled and reference rates and ratios,
     every path of the cell timed in the same rounds (:func:`seconds_together`)."""
+    from . import fused
     from .fused import eager_trajectory
 
     sites = B * L * L * args.steps
@@ -344,6 +368,14 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
         if fn is not None:
             g0 = info.pop("_g0")
             fns["compiled_step"] = hmc_runner(action, B, L, args.steps, device, trajectory=fn)
+            try:  # the same compiled trajectory, the momenta from compiled Philox streams
+                t0 = time.perf_counter()
+                fns["philox_step"] = hmc_runner(action, B, L, args.steps, device, trajectory=fn,
+                                                generator="philox")
+                fns["philox_momenta"] = momenta_draw(B, L, device, "philox")
+                philox_compile = time.perf_counter() - t0
+            except Exception as err:  # what inductor raises without a compiler varies
+                philox_compile = f"unavailable: {fused._first_line(err)}"
             fns["compiled_trajectory"] = lambda: fn(phi0, pi0)
             # the Metropolis test fused, or not, the other way from the production's
             # (compiled next to fn: no reset)
@@ -388,6 +420,16 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
                     "compile_seconds_of_the_other": m["compile_seconds"],
                     "hmc_step_seconds": fused_s, "unfused_hmc_step_seconds": unfused_s,
                     "speedup": unfused_s / fused_s}
+            if "philox_step" in sec:
+                info["philox"] = {
+                    "compile_seconds": philox_compile,
+                    **_path_rates(sec["philox_step"], sec["compiled_trajectory"], sites, B),
+                    "speedup_over_pcg64": sec["compiled_step"] / sec["philox_step"],
+                    "momenta": {"seconds": sec["philox_momenta"],
+                                "ns_per_normal": 1e9 * sec["philox_momenta"] / (B * L * L),
+                                "fraction_of_hmc_step": sec["philox_momenta"] / sec["philox_step"]}}
+            elif "philox_step" not in fns and args.compile:
+                info["philox"] = {"compile_seconds": philox_compile}
             if info["chunk_rows"] < B:  # what the chunks gain: the same batch in one call
                 whole, w = compile_for_shape(action, args.steps, (phi0, pi0), chunk_sites=0)
                 if whole is not None:
@@ -409,6 +451,10 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
             if "hmc_step_seconds" in r:
                 ratios[f"{path}_hmc_step"] = sec / r["hmc_step_seconds"]
                 ratios[f"{path}_trajectory"] = sec / r["trajectory_seconds"]
+        if "philox" in row.get("compiled", {}) and "hmc_step_seconds" in row["compiled"]["philox"]:
+            p = row["compiled"]["philox"]
+            ratios["compiled_philox_hmc_step"] = sec / p["hmc_step_seconds"]
+            p["momenta"]["bound_ratio_to_reference"] = sec / p["momenta"]["seconds"]
         row["ratio_to_reference"] = ratios
         # what hmc_step could reach were the trajectory and the Metropolis test free
         row["momenta"]["bound_ratio_to_reference"] = sec / row["momenta"]["seconds"]
@@ -777,17 +823,18 @@ def bench_memory(args, device) -> dict:
 # weak scaling of a production over MPI ranks
 
 
-SCALING_INPUT = """\
+BENCH_INPUT = """\
 [run]
-name = weak{n}
+name = {name}
 output = {output}
 seed = 9
 stages = hmc
 device = {device}
 threads = 1
-checkpoint_every = {trajectories}
+checkpoint_every = {checkpoint_every}
 progress_every = 1000
-compile = off
+compile = {compile}
+rng = {rng}
 
 [theory]
 L = {L}
@@ -799,8 +846,16 @@ replicas = {replicas}
 trajectories = {trajectories}
 thermalization = 0
 steps = {steps}
-save_every = 0
+save_every = {save_every}
 """
+
+
+def bench_input(**keys) -> str:
+    """The input of a bench production (:data:`BENCH_INPUT`); the weak-scaling runs'
+    defaults: eager, PCG64, one checkpoint at the end, no configurations saved."""
+    keys = {"compile": "off", "rng": "pcg64", "save_every": 0} | keys
+    keys.setdefault("checkpoint_every", keys["trajectories"])
+    return BENCH_INPUT.format(**keys)
 
 
 def scaling_command(n: int, ini: str) -> list[str]:
@@ -818,7 +873,7 @@ def bench_weak_scaling(args, workdir: Path) -> dict:
            "path": "eager (compile = off)", "seconds": "/cost/seconds of hmc.h5 "
            "(the production's wall time, rank 0's clock; start-up excluded)",
            "command": " ".join(scaling_command(2, "weak2.ini")) + f"  (and -n 1; inputs: "
-                      f"L = {L}, {R} replicas per rank, {T} trajectories; see SCALING_INPUT)"}
+                      f"L = {L}, {R} replicas per rank, {T} trajectories; see BENCH_INPUT)"}
     if shutil.which("mpirun") is None:
         out["skipped"] = "no mpirun on PATH"
         return out
@@ -830,8 +885,8 @@ def bench_weak_scaling(args, workdir: Path) -> dict:
         d = workdir / f"weak{n}-{i // 2}"
         d.mkdir(parents=True, exist_ok=True)
         ini = d / "weak.ini"
-        ini.write_text(SCALING_INPUT.format(n=n, output=d / "out", device=args.device, L=L,
-                                            replicas=n * R, trajectories=T, steps=args.steps))
+        ini.write_text(bench_input(name=f"weak{n}", output=d / "out", device=args.device, L=L,
+                                   replicas=n * R, trajectories=T, steps=args.steps))
         cmd = scaling_command(n, str(ini))
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -853,6 +908,73 @@ def bench_weak_scaling(args, workdir: Path) -> dict:
                                                        for n, s in median.items()}
     out["efficiency_by_pair"] = [a / b for a, b in zip(seconds[1], seconds[2])]
     out["efficiency"] = median[1] / median[2]
+    return out
+
+
+#: The single-rank productions of :func:`bench_production`: ([run] compile, [run] rng).
+PRODUCTION_VARIANTS = (("off", "pcg64"), ("on", "pcg64"), ("on", "philox"), ("off", "philox"))
+
+def bench_production(args, workdir: Path) -> dict:
+    """Whole single-rank productions (``python -m hpcflow.run``: measurements, configurations
+    every 10 trajectories, checkpoints every 100, HDF5 I/O) for every ``[run] compile`` x
+    ``[run] rng`` of :data:`PRODUCTION_VARIANTS`, ``--production-repeat`` rounds with the
+    variants in turn; per variant the median of /cost/seconds (compilation excluded: it is
+    logged apart) and of the process's wall time (start-up and compilation included), and
+    ``speedup`` = median seconds of eager PCG64 / median seconds of the variant.  What
+    decides the default of ``[run] compile``."""
+    import h5py
+
+    L, R, T = args.production_L, args.production_replicas, args.production_trajectories
+    out = {"L": L, "replicas": R, "trajectories": T, "steps": args.steps, "ranks": 1,
+           "seconds": "/cost/seconds of hmc.h5 (the production; compilation excluded)",
+           "wall_seconds": "the whole python -m hpcflow.run process",
+           "input": bench_input(name="prod", output="<dir>", device=args.device, compile="<compile>",
+                                rng="<rng>", L=L, replicas=R, trajectories=T, steps=args.steps,
+                                checkpoint_every=100, save_every=10),
+           "variants": {}}
+    env = _child_env()
+    runs: dict[str, dict[str, list[float]]] = {}
+    for i in range(max(1, args.production_repeat)):
+        for compile_mode, generator in PRODUCTION_VARIANTS:
+            name = f"compile={compile_mode},rng={generator}"
+            d = workdir / f"prod-{compile_mode}-{generator}-{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            ini = d / "prod.ini"
+            ini.write_text(bench_input(
+                name="prod", output=d / "out", device=args.device, compile=compile_mode,
+                rng=generator, L=L, replicas=R, trajectories=T, steps=args.steps,
+                checkpoint_every=100, save_every=10))
+            cmd = [sys.executable, "-m", "hpcflow.run", str(ini)]
+            t0 = time.perf_counter()
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                   timeout=args.scaling_timeout)
+            except subprocess.TimeoutExpired:
+                out["variants"][name] = {"skipped": f"took over {args.scaling_timeout} s"}
+                continue
+            wall = time.perf_counter() - t0
+            if r.returncode != 0:
+                tail = ((r.stderr + r.stdout).strip().splitlines() or ["(no message)"])[-1]
+                out["variants"][name] = {"skipped": f"status {r.returncode}: {tail}"}
+                continue
+            with h5py.File(d / "out" / "hmc.h5", "r") as f:
+                sec = float(f["cost/seconds"][0])
+                accepted = float(f["mc/accepted"][()].mean())
+            v = runs.setdefault(name, {"seconds": [], "wall_seconds": [], "acceptance": []})
+            v["seconds"].append(sec)
+            v["wall_seconds"].append(wall)
+            v["acceptance"].append(accepted)
+            shutil.rmtree(d / "out")
+    for name, v in runs.items():
+        med = statistics.median(v["seconds"])
+        out["variants"][name] = {"seconds": med, "wall_seconds": statistics.median(v["wall_seconds"]),
+                                 "runs_seconds": v["seconds"], "runs_wall_seconds": v["wall_seconds"],
+                                 "acceptance": v["acceptance"][0],
+                                 "replica_trajectories_per_second": R * T / med}
+    base = out["variants"].get("compile=off,rng=pcg64", {}).get("seconds")
+    for v in out["variants"].values():
+        if base and "seconds" in v:
+            v["speedup"] = base / v["seconds"]
     return out
 
 
@@ -948,6 +1070,14 @@ def report(result: dict) -> None:
         print("weak scaling 1 -> 2 ranks:", w.get("skipped") or
               f"{w['efficiency']:.3f} (median seconds {w['seconds_by_ranks']}; pairs "
               f"{', '.join(f'{e:.3f}' for e in w['efficiency_by_pair'])})")
+    p = result.get("production")
+    if p:
+        print(f"productions, L={p['L']}, {p['replicas']} replicas x {p['trajectories']} "
+              f"trajectories, 1 rank (median seconds, speedup over compile=off,rng=pcg64):")
+        for name, v in p["variants"].items():
+            print(f"  {name:28s} " + (v.get("skipped") or f"{v['seconds']:8.2f} s  "
+                                      f"{v.get('speedup', float('nan')):6.2f}x  wall "
+                                      f"{v['wall_seconds']:6.1f} s"))
     print("targets:")
     for k, v in result["targets"].items():
         if isinstance(v, dict):
@@ -956,7 +1086,8 @@ def report(result: dict) -> None:
 
 #: option: (full run, --quick)
 RUN_DEFAULTS = {"Ls": ("16,64", "16"), "batches": ("1,64,256,1024", "1,64"),
-                "min_seconds": (0.3, 0.05), "repeat": (3, 2), "scaling_trajectories": (1000, 200)}
+                "min_seconds": (0.3, 0.05), "repeat": (3, 2), "scaling_trajectories": (1000, 200),
+                "production_trajectories": (1000, 100), "production_repeat": (3, 1)}
 
 
 def main(argv=None) -> int:
@@ -993,6 +1124,13 @@ def main(argv=None) -> int:
     ap.add_argument("--scaling-repeat", type=int, default=3,
                     help="1- and 2-rank runs, alternating; the medians' ratio (3)")
     ap.add_argument("--scaling-timeout", type=float, default=600)
+    ap.add_argument("--no-production", dest="production", action="store_false",
+                    help="skip the whole-production timings (compile x rng)")
+    ap.add_argument("--production-L", type=int, default=16)
+    ap.add_argument("--production-replicas", type=int, default=64)
+    ap.add_argument("--production-trajectories", type=int,
+                    help="per replica (1000; quick: 100)")
+    ap.add_argument("--production-repeat", type=int, help="rounds of the variants (3; quick: 1)")
     ap.add_argument("--frozen-backends", action="store_true",
                     help="only compare the sparse and fft FrozenFlow backends (see above)")
     ap.add_argument("--max-seconds", type=float, default=2.0,
@@ -1054,6 +1192,8 @@ def main(argv=None) -> int:
             result["memory"] = bench_memory(args, device)
         if args.scaling:
             result["weak_scaling"] = bench_weak_scaling(args, tmp)
+        if args.production:
+            result["production"] = bench_production(args, tmp)
     result["targets"] = targets(result)
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_end"] = list(os.getloadavg())

@@ -122,6 +122,10 @@ class RunConfig:
     compile: str = _key("off", check=one_of("auto", "on", "off"),
                         doc="fused HMC trajectories (torch.compile, hpcflow.fused): auto = where "
                             "the action allows and a compiler works, on = required, off = eager")
+    rng: str = _key("pcg64", check=one_of("pcg64", "philox"),
+                    doc="the chains' random streams (hpcflow.rng): pcg64 = numpy on the host, "
+                        "philox = Philox4x32-10 on the chains' device (compiled unless "
+                        "compile = off); use philox on GPUs")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from .errors import CorruptFileError, StageError, Stopped
 from .hmc import INTEGRATORS, HMCState, hmc_step, init_state
 from .log import logger
 from .observables import OBSERVABLES, measure_all
-from .rng import ReplicaStreams
+from . import rng
 from .signals import StopPoll
 from .signals import name as signal_name
 
@@ -135,7 +135,7 @@ class Production:
     spec: ChainSpec
     path: object
     writer: store.EnsembleWriter
-    streams: ReplicaStreams
+    streams: rng.ReplicaStreams | rng.PhiloxStreams
     state: HMCState
     done: int
     total: int
@@ -191,7 +191,9 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
     io = store.resolve_io(cfg.run.io)
     block = world.block(R)
     writer = store.EnsembleWriter(path, world.comm, block, io)
-    streams = ReplicaStreams(cfg.run.seed, block, spec.purpose)
+    t_rng = time.perf_counter()
+    streams = _streams(cfg, world, spec, block)
+    t_start += time.perf_counter() - t_rng  # a Philox compilation: logged, not in /cost
 
     existing = None if force else store.inspect(path, world.comm)
     if existing is not None and "unreadable" in existing:
@@ -232,7 +234,10 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
             phi_rng = (writer.read_rows("checkpoint/slot_phi", (writer.slot,)),
                        writer.read_rows("checkpoint/slot_rng", (writer.slot,)))
         phi = torch.from_numpy(phi_rng[0]).to(world.device)
-        streams.set_state(phi_rng[1])
+        try:
+            streams.set_state(phi_rng[1])
+        except ValueError as err:
+            raise StageError(f"{path}: {err}; rerun with --force to replace it") from None
         status = "resumed"
         logger.info(f"[{spec.stage}] resuming {path} at trajectory {done}/{total}")
     else:
@@ -296,6 +301,38 @@ def _check_identity(path, cfg, spec, existing, ident):
                          f"({cfg.path}); rerun with --force to replace it")
 
 
+def _streams(cfg, world, spec, block):
+    """This rank's replica streams of ``[run] rng``; Philox compiled (its draws of this
+    lattice warmed up here, outside the timed production) unless ``[run] compile = off``,
+    eager with one line when compilation fails under ``auto``."""
+    generator = getattr(cfg.run, "rng", "pcg64")
+    mode = getattr(cfg.run, "compile", "off")
+    streams = rng.streams(generator, cfg.run.seed, block, spec.purpose, world.device)
+    if generator == "pcg64":
+        if world.device.type == "cuda" and world.is_root:
+            logger.info(f"[{spec.stage}] momenta from numpy PCG64 on the host, copied to "
+                        f"{world.device} every trajectory: [run] rng = philox draws them there")
+        return streams
+    if mode != "off":
+        t0 = time.perf_counter()
+        try:
+            streams.compile()
+            streams.warm_up((cfg.theory.L, cfg.theory.L))
+        except Exception as err:  # what inductor raises without a working compiler varies
+            from .fused import _first_line
+
+            if mode == "on":
+                raise StageError(f"{cfg.path}: [run] compile = on: the Philox draws: "
+                                 f"torch.compile failed: {_first_line(err)}") from None
+            if world.is_root:
+                logger.info(f"[{spec.stage}] [compile] Philox draws: torch.compile failed: "
+                            f"{_first_line(err)}; drawing eager")
+            return rng.streams(generator, cfg.run.seed, block, spec.purpose, world.device)
+        if world.is_root:
+            logger.info(f"[{spec.stage}] Philox draws compiled in {time.perf_counter() - t0:.1f} s")
+    return streams
+
+
 def _trajectory(cfg, world, section, spec, phi):
     """The fused trajectory of ``[run] compile`` (None: eager), compiled here, once per
     production, on a dummy state (the chains' random streams are not touched)."""
@@ -327,8 +364,7 @@ def advance(p: Production) -> None:
     """One trajectory of this rank's replicas; measure it (after thermalization) into the
     buffers, with the configuration when it is one to store."""
     section, L, device = p.section, p.cfg.theory.L, p.world.device
-    pi = p.streams.normal((L, L), device)
-    log_u = p.streams.log_uniform(device)
+    pi, log_u = p.streams.momenta((L, L), device)
     p.state, info = hmc_step(p.spec.action, p.state, pi, log_u, INTEGRATORS[section.integrator],
                              section.length, section.steps, trajectory=p.trajectory)
     p.progress.add(info)

@@ -100,7 +100,7 @@ COARSE_KEYS = ("coarse.beta", "coarse.L", "coarse.replicas", "coarse.pilot",
                "coarse.thermalization", "coarse.length", "coarse.steps", "coarse.integrator",
                "coarse.seed", "coarse.samples", "coarse.eval_samples", "coarse.spacing",
                "theory.lambda")
-PILOT_KEYS = COARSE_KEYS[:9] + ("theory.lambda",)
+PILOT_KEYS = COARSE_KEYS[:9] + ("theory.lambda", "run.rng")
 
 
 def _uses_coarse(cfg) -> bool:
@@ -110,11 +110,11 @@ def _uses_coarse(cfg) -> bool:
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("coarse", ("coarse",), "decorrelated coarse ensemble (beta', L') for the coarse priors",
           lambda cfg: (coarse_path(cfg), pilot_path(cfg)),
-          identity=(*COARSE_KEYS, "analysis.S"),  # S: the Gamma window of the pilot's tau_int
+          identity=(*COARSE_KEYS, "analysis.S", "run.rng"),  # S: the Gamma window of the pilot's tau_int
           when=(("analysis", lambda cfg: cfg.coarse is not None and cfg.coarse.spacing == 0),)),
     Stage("hmc", ("hmc",), "HMC production of [hmc] replicas over the ranks",
           _in_output("hmc.h5"), file="hmc.h5",
-          identity=("run.seed", *_THEORY, *(f"hmc.{k}" for k in _MD)), extends=("hmc.trajectories",)),
+          identity=("run.seed", "run.rng", *_THEORY, *(f"hmc.{k}" for k in _MD)), extends=("hmc.trajectories",)),
     Stage("train", ("flow", "train"), "reverse-KL training of the [flow] from its prior",
           lambda cfg: (flow_path(cfg), history_path(cfg)),
           identity=("run.seed", *_THEORY, *_FLOW,
@@ -124,7 +124,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           when=(("coarse", _uses_coarse),)),
     Stage("fhmc", ("flow", "fhmc"), "HMC on the flowed action, measured on phi = g(z)",
           _in_output("fhmc.h5"), file="fhmc.h5",
-          identity=("run.seed", *_THEORY, *_FLOW, *(f"fhmc.{k}" for k in _MD)),
+          identity=("run.seed", "run.rng", *_THEORY, *_FLOW, *(f"fhmc.{k}" for k in _MD)),
           extends=("fhmc.trajectories",)),
     Stage("analysis", (), "Gamma-method analysis of the run's ensembles (rank 0)",
           _in_output("analysis.json")),
@@ -175,5 +175,11 @@ def identity_diff(old: dict, new: dict) -> list[str]:
     """``"[section] key was <old>, now <new>"`` for every key of both identities whose
     values differ (a key only one of them has is not compared: a result made before the
     key existed)."""
+    old = LEGACY_IDENTITY | old
     return [f"{k} was {old[k]!r}, now {new[k]!r}" for k in new
             if k in old and old[k] != new[k]]
+
+
+#: Values of identity keys added after results were made with them fixed: a result without
+#: the key was made with this value (every chain before ``[run] rng`` drew from PCG64).
+LEGACY_IDENTITY = {"[run] rng": "pcg64"}
