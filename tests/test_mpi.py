@@ -5,7 +5,7 @@ Run as ``mpirun -n 2 python -m mpi4py -m pytest --with-mpi tests/test_mpi.py``."
 import numpy as np
 import pytest
 
-from conftest import write_input
+from conftest import checked_on_every_rank, write_input
 from test_run import read_all
 
 
@@ -43,9 +43,9 @@ def test_one_rank_and_many_ranks_give_identical_chains(mpi_tmp_path, compile_mod
             path.write_text(path.read_text().replace("[run]\n", f"[run]\ncompile = {compile_mode}\nrng = {generator}\n", 1))
     comm.Barrier()
     assert run.main([str(many / "t.ini")]) == 0
-    failure = None
-    if comm.Get_rank() == 0:
-        try:  # checked on rank 0; the outcome goes to every rank, so none waits for ever
+
+    def check(rank):
+        if rank == 0:
             assert run.main([str(one / "t.ini")], comm=MPI.COMM_SELF) == 0
             a, attrs = read_all(many / "out" / "hmc.h5")
             b, _ = read_all(one / "out" / "hmc.h5")
@@ -53,10 +53,7 @@ def test_one_rank_and_many_ranks_give_identical_chains(mpi_tmp_path, compile_mod
             for name in a:
                 np.testing.assert_array_equal(a[name], b[name], err_msg=name)
             assert (many / "out" / "analysis.json").exists()
-        except AssertionError as err:
-            failure = str(err)
-    failure = comm.bcast(failure, root=0)
-    assert failure is None, failure
+    checked_on_every_rank(comm, check)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -73,7 +70,10 @@ def test_mpio_and_gather_write_the_same_file(mpi_tmp_path):
     comm.Barrier()
     assert run.main([str(d_mpio / "t.ini")]) == 0
     assert run.main([str(d_gather / "t.ini")]) == 0
-    if comm.Get_rank() == 0:
+
+    def check(rank):
+        if rank:
+            return
         a, _ = read_all(d_mpio / "out" / "hmc.h5")
         b, _ = read_all(d_gather / "out" / "hmc.h5")
         assert a.keys() == b.keys()
@@ -84,7 +84,7 @@ def test_mpio_and_gather_write_the_same_file(mpi_tmp_path):
             assert (c["cost/ranks"][0], c["cost/segments"][0]) == (2, 1)
             assert c["cost/rank_seconds"][0] == 2 * c["cost/seconds"][0] > 0
             assert c["cost/device"][0].startswith(b"cpu")
-    comm.Barrier()
+    checked_on_every_rank(comm, check)
 
 
 def run_full_and_interrupted(mpi_tmp_path):
@@ -125,12 +125,14 @@ def test_resume_under_mpi(mpi_tmp_path):
 
     comm, full, cut = run_full_and_interrupted(mpi_tmp_path)
     assert run.main([str(cut / "t.ini")]) == 0
-    if comm.Get_rank() == 0:
-        a, _ = read_all(full / "out" / "hmc.h5")
-        b, _ = read_all(cut / "out" / "hmc.h5")
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    comm.Barrier()
+
+    def check(rank):
+        if rank == 0:
+            a, _ = read_all(full / "out" / "hmc.h5")
+            b, _ = read_all(cut / "out" / "hmc.h5")
+            for name in a:
+                np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    checked_on_every_rank(comm, check)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -178,7 +180,10 @@ def test_resume_of_a_file_without_cost_under_mpi(mpi_tmp_path):
             del f["cost"], f["observables/Mz"]
     comm.Barrier()
     assert run.main([str(cut / "t.ini")]) == 0
-    if comm.Get_rank() == 0:
+
+    def check(rank):
+        if rank:
+            return
         a, _ = read_all(full / "out" / "hmc.h5")
         b, _ = read_all(cut / "out" / "hmc.h5", cost=True)
         for name in a:
@@ -187,7 +192,7 @@ def test_resume_of_a_file_without_cost_under_mpi(mpi_tmp_path):
         np.testing.assert_array_equal(b["observables/Mz"][:, 10:], a["observables/Mz"][:, 10:])
         assert np.isnan(b["observables/Mz"][:, :10]).all()
         assert (b["cost/first_trajectory"][0], b["cost/ranks"][0], b["cost/segments"][0]) == (12, 2, 1)
-    comm.Barrier()
+    checked_on_every_rank(comm, check)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -200,9 +205,11 @@ def test_fewer_replicas_than_ranks_exits_2_and_writes_no_ensemble(mpi_tmp_path, 
     comm.Barrier()
     assert run.main([str(d / "t.ini")]) == 2  # on every rank
     err = capsys.readouterr().err
-    if comm.Get_rank() == 0:
-        assert "1 replicas cannot be spread over 2 MPI ranks" in err
-        assert not (d / "out" / "hmc.h5").exists()
-    else:
-        assert err == ""  # only rank 0 reports
-    comm.Barrier()
+
+    def check(rank):
+        if rank == 0:
+            assert "1 replicas cannot be spread over 2 MPI ranks" in err
+            assert not (d / "out" / "hmc.h5").exists()
+        else:
+            assert err == ""  # only rank 0 reports
+    checked_on_every_rank(comm, check)

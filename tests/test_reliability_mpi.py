@@ -4,7 +4,7 @@ Run as ``mpirun -n 2 python -m mpi4py -m pytest --with-mpi -m mpi tests/test_rel
 
 import pytest
 
-from conftest import write_ini
+from conftest import checked_on_every_rank, write_ini
 
 
 @pytest.mark.mpi(min_size=2)
@@ -16,7 +16,10 @@ def test_training_resumed_on_another_rank_count_warns(mpi_tmp_path, capsys):
 
     comm = MPI.COMM_WORLD
     d = mpi_tmp_path / "tr"
-    if comm.Get_rank() == 0:
+
+    def stopped_on_one_rank(rank):
+        if rank:
+            return
         d.mkdir()
         ini = write_ini(d, run={"stages": "train"}, theory={"L": 4},
                         train={"iterations": 8, "checkpoint_every": 4})
@@ -32,11 +35,13 @@ def test_training_resumed_on_another_rank_count_warns(mpi_tmp_path, capsys):
                 run.main([str(ini)], comm=MPI.COMM_SELF)
         finally:
             train_mod.save_flow = real
-    comm.Barrier()
+    checked_on_every_rank(comm, stopped_on_one_rank)
     capsys.readouterr()
     assert run.main([str(d / "t.ini")]) == 0
     out = capsys.readouterr().out
-    if comm.Get_rank() == 0:
-        assert "resuming" in out
-        assert "WARNING: resumed on 2 rank(s), but the checkpoint was written on 1" in out
-    comm.Barrier()
+
+    def check(rank):
+        if rank == 0:
+            assert "resuming" in out
+            assert "WARNING: resumed on 2 rank(s), but the checkpoint was written on 1" in out
+    checked_on_every_rank(comm, check)
