@@ -271,3 +271,33 @@ def test_compiled_philox_production_matches_eager_to_rounding(tmp_path):
     np.testing.assert_array_equal(a["mc/accepted"], b["mc/accepted"])
     np.testing.assert_allclose(b["configs"], a["configs"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(b["observables/M"], a["observables/M"], rtol=0, atol=1e-12)
+
+
+def test_philox_without_a_compiler(tmp_path, monkeypatch, capsys):
+    """compile = on: exit 2 naming the key (the Philox draws are compiled first); auto: one
+    line each for the draws and the trajectory, then eager, the chains of compile = off."""
+    def refuse(fn, **kw):
+        def broken(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\ndetails...")
+        return broken
+
+    (tmp_path / "off").mkdir()
+    off = philox_input(tmp_path / "off", "off")
+    assert run.main([str(off), "--quiet"]) == 0
+    monkeypatch.setattr(torch, "compile", refuse)
+    (tmp_path / "on").mkdir()
+    on = philox_input(tmp_path / "on", "on")
+    capsys.readouterr()
+    assert run.main([str(on)]) == 2
+    err = capsys.readouterr().err
+    assert "[run] compile = on: the Philox draws: torch.compile failed: RuntimeError: " \
+           "InvalidCxxCompiler: No working C++ compiler found" in err and "details" not in err
+    assert not (tmp_path / "on" / "out" / "hmc.h5").exists()
+    on.write_text(on.read_text().replace("compile = on", "compile = auto"))
+    assert run.main([str(on)]) == 0
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if "torch.compile failed" in ln]
+    assert len(lines) == 2 and "drawing eager" in lines[0] and "using the eager path" in lines[1], lines
+    a, b = chains(tmp_path / "off" / "out" / "hmc.h5"), chains(tmp_path / "on" / "out" / "hmc.h5")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
