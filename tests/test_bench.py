@@ -85,7 +85,7 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
     assert bench.main([*TINY, "--no-memory", "--no-scaling", "--chunk-sites", "48",
                        "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert {"machine", "settings", "reference", "hmc", "fhmc", "targets",
+    assert {"machine", "settings", "reference", "bandwidth", "hmc", "fhmc", "targets",
             "total_seconds"} <= set(r)
     assert {"cpu_model", "cores", "torch", "threads", "c_compiler"} <= set(r["machine"])
     assert [(c["L"], c["B"]) for c in r["hmc"]] == [(4, 1), (4, 3), (6, 1), (6, 3)]
@@ -116,6 +116,12 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
         assert cell["ratio_to_reference"]["compiled_philox_hmc_step"] == pytest.approx(
             cell["reference"]["seconds"] / p["hmc_step_seconds"])
         assert cell["best_ratio_to_reference"] > 0
+        bound = r["bandwidth"]["bound_site_steps_per_second"]
+        assert bound == pytest.approx(r["bandwidth"]["bytes_per_second"] / 40)
+        assert cell["ratio_to_bandwidth_bound"]["compiled_trajectory"] == pytest.approx(
+            cell["compiled"]["trajectory_site_steps_per_second"] / bound)
+        assert set(cell["ratio_to_bandwidth_bound"]) == {
+            "eager_hmc", "eager_trajectory", "compiled_hmc", "compiled_trajectory"}
         # 48 sites a call: L = 6, B = 3 (108 sites) runs one replica at a time
         assert cell["compiled"]["chunk_rows"] == (1 if (cell["L"], cell["B"]) == (6, 3) else cell["B"])
         assert ("unchunked" in cell["compiled"]) == ((cell["L"], cell["B"]) == (6, 3))

@@ -301,3 +301,20 @@ def test_philox_without_a_compiler(tmp_path, monkeypatch, capsys):
     a, b = chains(tmp_path / "off" / "out" / "hmc.h5"), chains(tmp_path / "on" / "out" / "hmc.h5")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_philox_on_cuda_matches_the_cpu():
+    """The same words on a GPU (integer arithmetic: exact), the same normals to a few ulp,
+    the counters on the device; compiled as a production compiles it."""
+    cpu = PhiloxStreams(8, range(64), "cuda")
+    gpu = PhiloxStreams(8, range(64), "cuda", device="cuda", compiled=True)
+    gpu.warm_up((16, 16))
+    words_cpu = rng.philox_uniforms(cpu.counter, cpu.key, 128)
+    words_gpu = rng.philox_uniforms(gpu.counter, gpu.key, 128)
+    torch.testing.assert_close(words_gpu.cpu(), words_cpu, rtol=0, atol=0)
+    (pi_g, lu_g), (pi_c, lu_c) = gpu.momenta((16, 16)), cpu.momenta((16, 16))
+    assert pi_g.device.type == "cuda" and gpu.counter.device.type == "cuda"
+    torch.testing.assert_close(pi_g.cpu(), pi_c, rtol=0, atol=8 * 2.0 ** -52 * float(pi_c.abs().max()))
+    torch.testing.assert_close(lu_g.cpu(), lu_c, rtol=1e-14, atol=1e-14)
+    np.testing.assert_array_equal(gpu.get_state(), cpu.get_state())

@@ -39,6 +39,10 @@ block), so the ratios within a cell compare blocks measured seconds apart.
       streams (``[run] rng = philox``) instead, timed in the same rounds: rates,
       ``speedup_over_pcg64`` (compiled step seconds / this one's), its ``momenta`` (ns per
       normal, fraction of the step, bound), and ``ratio_to_reference.compiled_philox_hmc_step``.
+``bandwidth``
+    The device's copy bandwidth (a 256 MB float64 copy, read + write counted) and the HMC
+    bound it sets at 40 bytes per site-step; every HMC cell's ``ratio_to_bandwidth_bound``
+    divides its rates by that bound (above 1 where a batch fits in a cache).
 ``fhmc``
     FHMC over the minimal flow (k = 3, one coupling layer, no hidden channels; generic
     weights) against HMC at L = ``--fhmc-L`` (16), B = ``--fhmc-batch`` (64): seconds per
@@ -349,6 +353,28 @@ def momenta_draw(B: int, L: int, device, generator: str = "pcg64"):
     return draw
 
 
+#: Bytes a fused leapfrog step moves per site from and to memory: phi and pi read and
+#: written once each (4 float64, 32 B) plus the neighbours' reuse and the end-point action
+#: (issue 9's estimate: about 40 B).
+BYTES_PER_SITE_STEP = 40
+
+
+def bench_bandwidth(device, nbytes: int = 2 ** 28, min_seconds: float = 0.3,
+                    repeat: int = 3) -> dict:
+    """The device's memory bandwidth as a copy sees it: a float64 tensor of ``nbytes``
+    copied into another (read + write counted: 2 nbytes per copy), best of ``repeat``
+    blocks; and the HMC bound it sets, ``bandwidth / BYTES_PER_SITE_STEP`` site-steps/s,
+    for batches beyond the caches (smaller ones can run above it)."""
+    n = nbytes // 8
+    src = torch.ones(n, dtype=torch.float64, device=device)
+    dst = torch.empty_like(src)
+    sec = best_seconds(lambda: dst.copy_(src), device, min_seconds, repeat)
+    bandwidth = 2 * nbytes / sec
+    return {"bytes_copied": nbytes, "bytes_per_second": bandwidth,
+            "bytes_per_site_step": BYTES_PER_SITE_STEP,
+            "bound_site_steps_per_second": bandwidth / BYTES_PER_SITE_STEP}
+
+
 def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) -> dict:
     """One (L, B) cell of the HMC table: eager, compiled and reference rates and ratios,
     every path of the cell timed in the same rounds (:func:`seconds_together`)."""
@@ -378,17 +404,20 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
                 philox_compile = f"unavailable: {fused._first_line(err)}"
             fns["compiled_trajectory"] = lambda: fn(phi0, pi0)
             # the Metropolis test fused, or not, the other way from the production's
-            # (compiled next to fn: no reset)
-            fm, m = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites,
-                                      reset=False, metropolis=not info["metropolis_fused"],
-                                      layout=info["layout"])
+            # (compiled next to fn: no reset); --no-variants skips both comparisons
+            fm = fo = None
+            if args.variants:
+                fm, m = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites,
+                                          reset=False, metropolis=not info["metropolis_fused"],
+                                          layout=info["layout"])
             if fm is not None:
                 fns["fused_metropolis_step"] = hmc_runner(action, B, L, args.steps, device,
                                                           trajectory=fm)
             # the other layout (batch-major on a CPU), as a production would compile it
-            other = next(x for x in LAYOUTS if x != info["layout"])
-            fo, o = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites,
-                                      reset=False, layout=other)
+            if args.variants:
+                other = next(x for x in LAYOUTS if x != info["layout"])
+                fo, o = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites,
+                                          reset=False, layout=other)
             if fo is not None:
                 fns["other_layout_step"] = hmc_runner(action, B, L, args.steps, device,
                                                       trajectory=fo)
@@ -1048,6 +1077,11 @@ def report(result: dict) -> None:
     print(HMC_HEADER)
     for r in result["hmc"]:
         print(hmc_line(r))
+    bw = result.get("bandwidth")
+    if bw:
+        print(f"copy bandwidth {bw['bytes_per_second'] / 1e9:.1f} GB/s: bound "
+              f"{bw['bound_site_steps_per_second'] / 1e6:.0f} M site-steps/s at "
+              f"{bw['bytes_per_site_step']} B per site-step")
     ref = result["reference"]
     print("C reference:", ref.get("skipped") or
           f"{ref.get('cc')} {ref.get('flags')}; agrees with hpcflow's trajectory: "
@@ -1124,6 +1158,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scaling-repeat", type=int, default=3,
                     help="1- and 2-rank runs, alternating; the medians' ratio (3)")
     ap.add_argument("--scaling-timeout", type=float, default=600)
+    ap.add_argument("--no-variants", dest="variants", action="store_false",
+                    help="compile only the production's path per cell, not the other layout "
+                         "and Metropolis choice beside it (fewer compilations: GPU runs)")
     ap.add_argument("--no-production", dest="production", action="store_false",
                     help="skip the whole-production timings (compile x rng)")
     ap.add_argument("--production-L", type=int, default=16)
@@ -1180,11 +1217,20 @@ def main(argv=None) -> int:
         else:
             info = {"skipped": "--no-reference"}
         result["reference"] = info
+        result["bandwidth"] = bw = bench_bandwidth(device, min_seconds=args.min_seconds,
+                                                   repeat=args.repeat)
         result["hmc"] = []
         print(HMC_HEADER, flush=True)
         for L in args.Ls:
             for B in args.batches:
-                result["hmc"].append(bench_hmc_cell(args, device, action, L, B, ref))
+                cell = bench_hmc_cell(args, device, action, L, B, ref)
+                bound = bw["bound_site_steps_per_second"]
+                cell["ratio_to_bandwidth_bound"] = {
+                    f"{path}_{what}": cell[path][f"{what}_site_steps_per_second"] / bound
+                    for path in ("eager", "compiled") if path in cell
+                    for what in ("hmc", "trajectory")
+                    if f"{what}_site_steps_per_second" in cell[path]}
+                result["hmc"].append(cell)
                 print(hmc_line(result["hmc"][-1]), flush=True)
         if args.fhmc:
             result["fhmc"] = bench_fhmc(args, device)
