@@ -173,9 +173,8 @@ def seconds_together(fns: dict, device, min_seconds: float = 0.3, repeat: int = 
 def bench_streams(generator: str, B: int, L: int, device, purpose: str, seed: int):
     """The replicas' streams a production of ``[run] rng = generator`` draws from (Philox
     compiled and warmed up for [B, L, L] draws: raises when compilation fails)."""
-    streams = rng.streams(generator, seed, range(B), purpose, device)
+    streams = rng.streams(generator, seed, range(B), purpose, device, compiled=True)
     if generator == "philox":
-        streams.compile()
         streams.warm_up((L, L))
     return streams
 
@@ -457,7 +456,7 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
                     "momenta": {"seconds": sec["philox_momenta"],
                                 "ns_per_normal": 1e9 * sec["philox_momenta"] / (B * L * L),
                                 "fraction_of_hmc_step": sec["philox_momenta"] / sec["philox_step"]}}
-            elif "philox_step" not in fns and args.compile:
+            elif "philox_step" not in fns:  # compilation failed: its one line
                 info["philox"] = {"compile_seconds": philox_compile}
             if info["chunk_rows"] < B:  # what the chunks gain: the same batch in one call
                 whole, w = compile_for_shape(action, args.steps, (phi0, pi0), chunk_sites=0)
@@ -891,12 +890,30 @@ def scaling_command(n: int, ini: str) -> list[str]:
     return ["mpirun", "--oversubscribe", "-n", str(n), sys.executable, "-m", "hpcflow.run", ini]
 
 
+def run_production(cmd: list[str], h5: Path, env: dict, timeout: float) -> dict | str:
+    """Run a production command; from its ensemble file ``h5`` its ``/cost/seconds`` (the
+    production's wall time, compilation and start-up excluded) and mean acceptance, with
+    the process's wall time; or a line saying why there are none."""
+    import h5py
+
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"{' '.join(cmd)} took over {timeout} s"
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        tail = ((r.stderr + r.stdout).strip().splitlines() or ["(no message)"])[-1]
+        return f"{' '.join(cmd)}: status {r.returncode}: {tail}"
+    with h5py.File(h5, "r") as f:
+        return {"seconds": float(f["cost/seconds"][0]), "wall_seconds": wall,
+                "acceptance": float(f["mc/accepted"][()].mean())}
+
+
 def bench_weak_scaling(args, workdir: Path) -> dict:
     """The same production per rank on 1 and 2 ranks, ``--scaling-repeat`` pairs in turn:
     efficiency = median seconds(1) / median seconds(2), from each production's
     /cost/seconds, and each pair's own ratio."""
-    import h5py
-
     R, T, L = args.scaling_replicas, args.scaling_trajectories, args.scaling_L
     out = {"L": L, "replicas_per_rank": R, "trajectories": T, "steps": args.steps,
            "path": "eager (compile = off)", "seconds": "/cost/seconds of hmc.h5 "
@@ -916,19 +933,12 @@ def bench_weak_scaling(args, workdir: Path) -> dict:
         ini = d / "weak.ini"
         ini.write_text(bench_input(name=f"weak{n}", output=d / "out", device=args.device, L=L,
                                    replicas=n * R, trajectories=T, steps=args.steps))
-        cmd = scaling_command(n, str(ini))
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                               timeout=args.scaling_timeout)
-        except subprocess.TimeoutExpired:
-            out["skipped"] = f"{' '.join(cmd)} took over {args.scaling_timeout} s"
+        done = run_production(scaling_command(n, str(ini)), d / "out" / "hmc.h5", env,
+                              args.scaling_timeout)
+        if isinstance(done, str):
+            out["skipped"] = done
             return out
-        if r.returncode != 0:
-            tail = ((r.stderr + r.stdout).strip().splitlines() or ["(no message)"])[-1]
-            out["skipped"] = f"{' '.join(cmd)}: status {r.returncode}: {tail}"
-            return out
-        with h5py.File(d / "out" / "hmc.h5", "r") as f:
-            seconds[n].append(float(f["cost/seconds"][0]))
+        seconds[n].append(done["seconds"])
     median = {n: statistics.median(v) for n, v in seconds.items()}
     out["repeat"] = len(seconds[1])
     out["seconds_by_ranks"] = {str(n): median[n] for n in median}
@@ -951,8 +961,6 @@ def bench_production(args, workdir: Path) -> dict:
     logged apart) and of the process's wall time (start-up and compilation included), and
     ``speedup`` = median seconds of eager PCG64 / median seconds of the variant.  What
     decides the default of ``[run] compile``."""
-    import h5py
-
     L, R, T = args.production_L, args.production_replicas, args.production_trajectories
     out = {"L": L, "replicas": R, "trajectories": T, "steps": args.steps, "ranks": 1,
            "seconds": "/cost/seconds of hmc.h5 (the production; compilation excluded)",
@@ -973,26 +981,14 @@ def bench_production(args, workdir: Path) -> dict:
                 name="prod", output=d / "out", device=args.device, compile=compile_mode,
                 rng=generator, L=L, replicas=R, trajectories=T, steps=args.steps,
                 checkpoint_every=100, save_every=10))
-            cmd = [sys.executable, "-m", "hpcflow.run", str(ini)]
-            t0 = time.perf_counter()
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                   timeout=args.scaling_timeout)
-            except subprocess.TimeoutExpired:
-                out["variants"][name] = {"skipped": f"took over {args.scaling_timeout} s"}
+            done = run_production([sys.executable, "-m", "hpcflow.run", str(ini)],
+                                  d / "out" / "hmc.h5", env, args.scaling_timeout)
+            if isinstance(done, str):
+                out["variants"][name] = {"skipped": done}
                 continue
-            wall = time.perf_counter() - t0
-            if r.returncode != 0:
-                tail = ((r.stderr + r.stdout).strip().splitlines() or ["(no message)"])[-1]
-                out["variants"][name] = {"skipped": f"status {r.returncode}: {tail}"}
-                continue
-            with h5py.File(d / "out" / "hmc.h5", "r") as f:
-                sec = float(f["cost/seconds"][0])
-                accepted = float(f["mc/accepted"][()].mean())
             v = runs.setdefault(name, {"seconds": [], "wall_seconds": [], "acceptance": []})
-            v["seconds"].append(sec)
-            v["wall_seconds"].append(wall)
-            v["acceptance"].append(accepted)
+            for key in v:
+                v[key].append(done[key])
             shutil.rmtree(d / "out")
     for name, v in runs.items():
         med = statistics.median(v["seconds"])

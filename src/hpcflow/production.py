@@ -192,7 +192,7 @@ def open_production(cfg, world, section, spec: ChainSpec, path, force: bool = Fa
     block = world.block(R)
     writer = store.EnsembleWriter(path, world.comm, block, io)
     t_rng = time.perf_counter()
-    streams = _streams(cfg, world, spec, block)
+    streams = _streams(cfg, world, spec, block, hot=section.start == "hot")
     t_start += time.perf_counter() - t_rng  # a Philox compilation: logged, not in /cost
 
     existing = None if force else store.inspect(path, world.comm)
@@ -301,10 +301,11 @@ def _check_identity(path, cfg, spec, existing, ident):
                          f"({cfg.path}); rerun with --force to replace it")
 
 
-def _streams(cfg, world, spec, block):
-    """This rank's replica streams of ``[run] rng``; Philox compiled (its draws of this
-    lattice warmed up here, outside the timed production) unless ``[run] compile = off``,
-    eager with one line when compilation fails under ``auto``."""
+def _streams(cfg, world, spec, block, hot: bool = False):
+    """This rank's replica streams of ``[run] rng``; Philox compiled (its per-trajectory
+    draw of this lattice, and for a ``hot`` start its first configuration's, warmed up
+    here, outside the timed production) unless ``[run] compile = off``, eager with one
+    line when compilation fails under ``auto``."""
     generator = getattr(cfg.run, "rng", "pcg64")
     mode = getattr(cfg.run, "compile", "off")
     streams = rng.streams(generator, cfg.run.seed, block, spec.purpose, world.device)
@@ -317,7 +318,8 @@ def _streams(cfg, world, spec, block):
         t0 = time.perf_counter()
         try:
             streams.compile()
-            streams.warm_up((cfg.theory.L, cfg.theory.L))
+            streams.warm_up((cfg.theory.L, cfg.theory.L),
+                            ("momenta", "normal") if hot else ("momenta",))
         except Exception as err:  # what inductor raises without a working compiler varies
             from .fused import _first_line
 

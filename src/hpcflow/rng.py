@@ -90,7 +90,6 @@ class ReplicaStreams:
     """
 
     STATE_WIDTH = STATE_WIDTH
-    generator = "pcg64"
 
     def __init__(self, seed: int, indices, purpose: str):
         self.indices = list(indices)
@@ -268,7 +267,6 @@ class PhiloxStreams:
     """
 
     STATE_WIDTH = STATE_WIDTH
-    generator = "philox"
 
     def __init__(self, seed: int, indices, purpose: str, device="cpu", compiled: bool = False):
         self.indices = list(indices)
@@ -292,25 +290,32 @@ class PhiloxStreams:
         self._log_uniforms = torch.compile(philox_log_uniforms, dynamic=False, fullgraph=True)
         self._momenta = torch.compile(philox_momenta, dynamic=False, fullgraph=True)
 
-    def warm_up(self, shape) -> None:
-        """Compile (when compiled) the draws of :meth:`normal` ``(shape)``,
-        :meth:`log_uniform` and :meth:`momenta` ``(shape)`` now, on this stream's keys,
-        without using any of its numbers."""
+    def warm_up(self, shape, draws=("momenta",)) -> None:
+        """Compile (when compiled) the ``draws`` (of ``"momenta"``, ``"normal"``,
+        ``"log_uniform"``) for ``shape`` now, on this stream's keys, without using any of
+        its numbers; a draw not warmed up compiles at its first call.  A production calls
+        :meth:`momenta` every trajectory and :meth:`normal` only for a hot start."""
         nb, nl = _blocks(math.prod(shape)), _blocks(1, PAD_LOG_UNIFORM)
-        self._normals(self.counter, self.key, nb)
-        self._log_uniforms(self.counter, self.key, nl)
-        self._momenta(self.counter, self.key, nb, nl)
+        calls = {"momenta": lambda: self._momenta(self.counter, self.key, nb, nl),
+                 "normal": lambda: self._normals(self.counter, self.key, nb),
+                 "log_uniform": lambda: self._log_uniforms(self.counter, self.key, nl)}
+        for draw in draws:
+            calls[draw]()
 
     def _to(self, t: torch.Tensor, device) -> torch.Tensor:
         return t if device is None or torch.device(device) == self.device else t.to(device)
 
+    def _shaped(self, z: torch.Tensor, shape, device) -> torch.Tensor:
+        """The first prod(shape) numbers of every row of a padded draw as [B, *shape]."""
+        n = math.prod(shape)
+        return self._to(z[:, :n].reshape(len(self), *shape).contiguous(), device)
+
     def normal(self, shape, device=None) -> torch.Tensor:
         """One standard-normal array of ``shape`` per replica: [B, *shape], float64."""
-        n = math.prod(shape)
-        nb = _blocks(n)
+        nb = _blocks(math.prod(shape))
         z = self._normals(self.counter, self.key, nb)
         self.counter = self.counter + nb
-        return self._to(z[:, :n].reshape(len(self), *shape).contiguous(), device)
+        return self._shaped(z, shape, device)
 
     def log_uniform(self, device=None) -> torch.Tensor:
         """log u with u uniform in (0, 1], one per replica: [B]."""
@@ -322,12 +327,10 @@ class PhiloxStreams:
     def momenta(self, shape, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One HMC trajectory's numbers, ``(normal(shape), log_uniform())`` - the same
         blocks, in one call (:func:`philox_momenta`)."""
-        n = math.prod(shape)
-        nb, nl = _blocks(n), _blocks(1, PAD_LOG_UNIFORM)
+        nb, nl = _blocks(math.prod(shape)), _blocks(1, PAD_LOG_UNIFORM)
         z, log_u = self._momenta(self.counter, self.key, nb, nl)
         self.counter = self.counter + (nb + nl)
-        return (self._to(z[:, :n].reshape(len(self), *shape).contiguous(), device),
-                self._to(log_u[:, 0].contiguous(), device))
+        return self._shaped(z, shape, device), self._to(log_u[:, 0].contiguous(), device)
 
     def get_state(self) -> np.ndarray:
         """uint64 [B, STATE_WIDTH]: block counter, k0, k1, :data:`PHILOX_TAG`, 0, 0."""
