@@ -160,11 +160,12 @@ class Slurm:
         """Wait until no task of ``jobs`` is pending or running; their final states.
 
         ``release_requeued``: a requeued job waits about 2 minutes (its BeginTime) before
-        SLURM starts it again; start it now instead (``scontrol update StartTime=now``), so
-        that a test of the requeue path does not spend its time idle."""
+        SLURM starts it again; start it 5 s after it is seen pending instead (``scontrol update
+        StartTime=now``), so that a test of the requeue path does not spend its time idle."""
         live = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                 "REQUEUE_HOLD", "SUSPENDED"}
         t0 = time.monotonic()
+        requeued_at: dict[str, float] = {}
         while True:
             states = {j: self.state(j) for j in jobs}
             if not any(s in live for st in states.values() for s in st.values()):
@@ -177,9 +178,15 @@ class Slurm:
                     return states
                 continue
             if release_requeued:
+                # Not at once: slurmd refuses a batch launch whose credential is from the same
+                # second as the revocation of the job's previous run ("Killing non-startable
+                # batch JobId=13: Job credential revoked" in slurmctld.log, 60 ms after the
+                # requeue: the job then ends FAILED).  SLURM's own BeginTime delay avoids it.
                 for j in jobs:
                     p = self.run("squeue", "-h", "-j", str(j), "-o", "%T %r", check=False)
-                    if p.stdout.split() == ["PENDING", "BeginTime"]:
+                    if p.stdout.split() != ["PENDING", "BeginTime"]:
+                        requeued_at.pop(j, None)
+                    elif time.monotonic() - requeued_at.setdefault(j, time.monotonic()) > 5.0:
                         self.run("scontrol", "update", f"JobId={j}", "StartTime=now", check=False)
             if time.monotonic() - t0 > timeout:
                 diagnostics = slurm_script("diagnose").stdout
