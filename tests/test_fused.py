@@ -95,6 +95,60 @@ def test_compiled_once_per_shape(flowed_action):
                                 streams.log_uniform("cpu"), INTEGRATORS["leapfrog"], 1.0, 3,
                                 trajectory=fn)
     assert torch.isfinite(state.S).all()
+    # each graph went through dynamo once (the example) and is called directly since
+    called = [g for g in fn.graphs if g.dynamo_calls]
+    assert called and all(g.dynamo_calls == 1 for g in fn.graphs if g.dynamo_calls)
+    per_trajectory = 4 if flowed_action else 1   # FHMC: leapfrog of 3 steps, 4 forces
+    assert all(g.direct_calls == (1 + 3) * per_trajectory - 1 for g in called), \
+        [(g.dynamo_calls, g.direct_calls) for g in fn.graphs]
+
+
+def _scaled_sum(x, y):
+    return x * y, (x + y).sum()
+
+
+def test_compiled_graph_calls_the_graph_directly_after_compiling_it():
+    """The first call of a signature compiles through dynamo; later calls of it run the
+    same graph directly, bit for bit; another shape or dtype compiles again (once); a
+    closure tensor (a bound method's attribute) is the same tensor for the direct calls
+    (in-place changes are seen); functions whose outputs are not the graph's (an input
+    returned as it is) stay with dynamo and are still right."""
+    fn = fused.compile_graph(_scaled_sum)
+    x, y = torch.arange(6.0).reshape(2, 3), torch.full((2, 3), 0.5)
+    try:
+        first = fn(x, y)
+    except Exception as err:  # no compiler: what compile_trajectory reports
+        pytest.skip(f"torch.compile unavailable here: {err}")
+    again = fn(x + 0.0, y)
+    assert (fn.dynamo_calls, fn.direct_calls) == (1, 1)
+    for a, b, c in zip(first, again, _scaled_sum(x, y)):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    fn(torch.ones(3, 3), torch.ones(3, 3))                     # new shape: compiles once
+    fn(torch.ones(3, 3), torch.ones(3, 3))
+    fn(x.to(torch.float32), y.to(torch.float32))               # new dtype
+    assert (fn.dynamo_calls, fn.direct_calls) == (3, 2)
+    assert fn(x.t(), y.t())[1] == _scaled_sum(x.t(), y.t())[1]  # other strides: another graph
+    assert fn.dynamo_calls == 4
+
+    class Shift(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("offset", torch.tensor([1.0, 2.0, 3.0]))
+
+        def forward(self, x):
+            return (x + self.offset,)
+
+    shift = Shift()
+    g = fused.compile_graph(shift.forward)
+    assert torch.equal(g(x)[0], x + shift.offset)
+    shift.offset.mul_(10.0)
+    assert torch.equal(g(x)[0], x + shift.offset) and g.direct_calls == 1
+
+    passthrough = fused.compile_graph(lambda a, b: (a, a * b))
+    for _ in range(2):
+        out = passthrough(x, y)
+        assert out[0] is x and torch.equal(out[1], x * y)
+    assert (passthrough.dynamo_calls, passthrough.direct_calls) == (2, 0)
 
 
 def test_chunk_rows(monkeypatch):

@@ -285,10 +285,14 @@ class PhiloxStreams:
         return len(self.indices)
 
     def compile(self) -> None:
-        """Draw through ``torch.compile`` (inductor); raises what compilation raises."""
-        self._normals = torch.compile(philox_normals, dynamic=False, fullgraph=True)
-        self._log_uniforms = torch.compile(philox_log_uniforms, dynamic=False, fullgraph=True)
-        self._momenta = torch.compile(philox_momenta, dynamic=False, fullgraph=True)
+        """Draw through ``torch.compile`` (inductor, :func:`hpcflow.fused.compile_graph`:
+        once compiled, called without dynamo's per-call overhead); raises what compilation
+        raises."""
+        from .fused import compile_graph
+
+        self._normals = compile_graph(philox_normals)
+        self._log_uniforms = compile_graph(philox_log_uniforms)
+        self._momenta = compile_graph(philox_momenta)
 
     def warm_up(self, shape, draws=("momenta",)) -> None:
         """Compile (when compiled) the ``draws`` (of ``"momenta"``, ``"normal"``,
