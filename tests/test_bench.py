@@ -139,6 +139,16 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
         for path in ("eager", "compiled"):
             assert f[a][path]["trajectory_seconds"] > 0 and f[a][path]["force_seconds"] > 0
     assert f["fhmc"]["compiled"]["wired"].startswith("[run] compile = auto|on")
+    floor = f["ratios"]["transcendental_floor"]
+    h = f["hmc"][f["ratios"]["best_paths"]["hmc"]]
+    n = floor["forces_per_trajectory"]
+    assert floor["force_seconds"] == f["fhmc"]["transcendentals"]["force_seconds"] > 0
+    assert floor["fhmc_trajectory_seconds_at_least"] == pytest.approx(
+        max(h["trajectory_seconds"] - n * h["force_seconds"], 0.0) + n * floor["force_seconds"])
+    assert floor["per_trajectory_at_least"] == pytest.approx(
+        floor["fhmc_trajectory_seconds_at_least"] / h["trajectory_seconds"])
+    assert r["targets"]["fhmc_over_hmc_per_trajectory"]["transcendental_floor"] == \
+        floor["per_trajectory_at_least"]
     assert set(r["targets"]) == {"hmc_B64_L16_over_reference", "hmc_B64_L64_over_reference",
                                  "fhmc_over_hmc_per_trajectory", "weak_scaling_1_to_2_ranks",
                                  "per_replica_B1024_over_B64_L4", "per_replica_B1024_over_B64_L6",
@@ -211,3 +221,16 @@ def test_production_section(tmp_path):
     assert base["speedup"] == 1.0
     on = p["variants"]["compile=on,rng=philox"]
     assert on["speedup"] == pytest.approx(base["seconds"] / on["seconds"])
+
+
+def test_flow_transcendentals_are_those_of_a_flowed_force():
+    """The floor graph: 3 exp and 2 divisions per updated site and coupling step, on the
+    first half of the rows, chained (its value: the formula, step by step)."""
+    z = torch.linspace(-1.0, 1.0, 8 * 3, dtype=torch.float64).reshape(8, 3)
+    x = z[:4]
+    for _ in range(2):
+        # tanh(x/2) and tanh(-x/2) as exp and a division each, and exp(x/2)
+        x = torch.tanh(x / 2) + torch.tanh(-x / 2) + torch.exp(0.5 * x)
+    out = bench.flow_transcendentals(z, 2)
+    assert out.shape == (4, 3)
+    torch.testing.assert_close(out, x, rtol=1e-13, atol=1e-13)

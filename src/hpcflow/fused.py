@@ -33,7 +33,9 @@ compiler and on CUDA with Triton, from the same source):
 - FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
   family without hidden channels, e.g. the minimal model): the flowed force *and* action,
   F~(z) and S~(z) from one pass of the generator, are one compiled graph
-  (:meth:`StencilFlow.force_and_action`), called by the ordinary integrator once per force;
+  (:meth:`StencilFlow.force_and_action`), with the drift before and the momentum kick after
+  it (:meth:`StencilFlow.drift_kick`), one compiled call per force of the integrator's
+  schedule (:meth:`hpcflow.hmc.Integrator.schedule`);
   the fields stay in the site-major checkerboard layout for the whole trajectory, and S~ at
   the end point comes from the last force evaluation (which every integrator here makes at
   the end point).  The frozen evaluator's sparse matrices are not traceable by inductor, so
@@ -295,26 +297,34 @@ def hmc_trajectory(action, integrator, length: float, n_steps: int, layout: str,
 
 
 def stencil_trajectory(stencil: "StencilFlow", integrator, length: float, n_steps: int,
-                       force_and_action: Callable | None = None) -> Callable:
+                       compiled: bool = False) -> Callable:
     """(z, pi) -> (z', pi', S~(z')) of ``integrator`` over the flowed action of ``stencil``:
-    the layout changes once each way, the integrator runs on site-major fields with
-    ``force_and_action`` (default: the stencil's own, eager; compiled by
-    :func:`compile_trajectory`), and S~ at the end point is the last evaluation's."""
-    eps = length / n_steps
-    fa = force_and_action or stencil.force_and_action
+    the layout changes once each way, and the integrator's schedule
+    (:meth:`hpcflow.hmc.Integrator.schedule`) runs on site-major fields as one
+    :meth:`StencilFlow.kick` and then one :meth:`StencilFlow.drift_kick` per force, each a
+    single graph with ``compiled`` (:func:`compile_graph`; the coefficients are 0-d tensor
+    arguments, so every drift-kick of the trajectory is one compiled graph); S~ at the end
+    point is the last evaluation's.  Its ``graphs``: the compiled ones (none eager)."""
+    schedule = integrator.schedule(length / n_steps, n_steps)
+    kick = compile_graph(stencil.kick) if compiled else stencil.kick
+    drift_kick = compile_graph(stencil.drift_kick) if compiled else stencil.drift_kick
+    coefficients = {}
 
     def trajectory(z, pi):
-        last = {}
-
-        def force(x):
-            F, S = fa(x)
-            last["x"], last["S"] = x, S
-            return F
-
-        zs, ps = integrator(stencil.site_major(z), stencil.site_major(pi), force, eps, n_steps)
-        S = last["S"] if last.get("x") is zs else fa(zs)[1]
+        zs, ps = stencil.site_major(z), stencil.site_major(pi)
+        if compiled and zs.device not in coefficients:
+            coefficients[zs.device] = [
+                (None if d is None else torch.tensor(d, dtype=zs.dtype, device=zs.device),
+                 torch.tensor(k, dtype=zs.dtype, device=zs.device)) for d, k in schedule]
+        S = None
+        for drift, a in coefficients[zs.device] if compiled else schedule:
+            if drift is None:
+                ps, S = kick(zs, ps, a)
+            else:
+                zs, ps, S = drift_kick(zs, ps, drift, a)
         return stencil.lattice(zs), stencil.lattice(ps), S
 
+    trajectory.graphs = [kick, drift_kick] if compiled else []
     return trajectory
 
 
@@ -458,10 +468,11 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
             raise CompileUnavailable(f"FlowedAction is not fused: {reason}")
         device = example[0].device if example is not None else "cpu"
         stencil = StencilFlow(action.target, action.flow, device)
-        fa = compile_graph(stencil.force_and_action)
-        fn = _without_grad(stencil_trajectory(stencil, integrator, length, n_steps, fa))
-        fn.stencil, fn.force_and_action = stencil, fa  # for the bench's force timing
-        fn.graphs = [fa]
+        trajectory = stencil_trajectory(stencil, integrator, length, n_steps, compiled=True)
+        fn = _without_grad(trajectory)
+        fn.graphs = trajectory.graphs
+        # the force alone, as one graph, for the bench's force timing (compiled at its first call)
+        fn.stencil, fn.force_and_action = stencil, compile_graph(stencil.force_and_action)
     elif compilable(action):
         if example is not None:
             layout = layout or default_layout(example[0].device, example[0].shape[0])
@@ -686,3 +697,16 @@ class StencilFlow:
         """(F~(z), S~(z)) from one evaluation of the generator."""
         phi, logdet, saved = self.generate(z, True)
         return self.pullback(self.target_force(phi), saved), self.target_action(phi) - logdet
+
+    def kick(self, z: torch.Tensor, p: torch.Tensor, a):
+        """(p + a F~(z), S~(z)): a momentum kick of coefficient ``a`` and the flowed action
+        at z, from one evaluation of the generator (the first kick of a trajectory)."""
+        F, S = self.force_and_action(z)
+        return p + a * F, S
+
+    def drift_kick(self, z: torch.Tensor, p: torch.Tensor, b, a):
+        """A drift z' = z + b p and the :meth:`kick` at z': (z', p + a F~(z'), S~(z')), the
+        operations of :class:`hpcflow.hmc.Integrator` in its order."""
+        z = z + b * p
+        p, S = self.kick(z, p, a)
+        return z, p, S

@@ -44,19 +44,28 @@ class Integrator:
     def forces_per_step(self) -> int:
         return len(self.kicks) - 1
 
+    def schedule(self, eps: float, n_steps: int) -> list[tuple[float | None, float]]:
+        """The trajectory as (drift, kick) coefficients: each entry moves phi += drift pi
+        (none for the first) and then pi += kick F(phi); a step's last kick is merged with
+        the next step's first, so there are ``n_steps * len(drifts) + 1`` forces."""
+        kicks, drifts = self.kicks, self.drifts
+        out: list[tuple[float | None, float]] = [(None, kicks[0] * eps)]
+        for step in range(n_steps):
+            for j, b in enumerate(drifts):
+                a = kicks[j + 1]
+                if j == len(drifts) - 1 and step < n_steps - 1:
+                    a = a + kicks[0]  # merge with the next step's first kick
+                out.append((b * eps, a * eps))
+        return out
+
     def __call__(self, phi, pi, force, eps: float, n_steps: int):
         """Integrate Hamilton's equations for n_steps steps of size eps; returns (phi, pi).
 
         ``force`` is a callable phi -> F(phi); the inputs are not modified."""
-        kicks, drifts = self.kicks, self.drifts
-        pi = pi + (kicks[0] * eps) * force(phi)
-        for step in range(n_steps):
-            for j, b in enumerate(drifts):
-                phi = phi + (b * eps) * pi
-                a = kicks[j + 1]
-                if j == len(drifts) - 1 and step < n_steps - 1:
-                    a = a + kicks[0]  # merge with the next step's first kick
-                pi = pi + (a * eps) * force(phi)
+        for drift, kick in self.schedule(eps, n_steps):
+            if drift is not None:
+                phi = phi + drift * pi
+            pi = pi + kick * force(phi)
         return phi, pi
 
 
