@@ -659,8 +659,9 @@ class StencilFlow:
         for p, idx, idxT, ws, wt in self.steps:
             A, B = self._halves(y, p)
             G = A[idx]                                   # [H, n, N]
-            s = _tanh((ws * G).sum(1))
-            t = _tanh((wt * G).sum(1))
+            # s and t as one [H, 2, N] array from one pass over the gathered rows
+            st = _tanh((torch.stack((ws, wt), 1)[None] * G[:, :, None]).sum(1))
+            s, t = st[:, 0], st[:, 1]
             abs_s = torch.where(s < 0, -s, s)
             e = torch.exp(-abs_s)
             if keep:
@@ -677,9 +678,14 @@ class StencilFlow:
         for (p, idx, idxT, ws, wt), (e, s, t, x_B) in zip(reversed(self.steps), reversed(saved)):
             f_A, f_B = self._halves(f, p)
             sgn = torch.where(s < 0, -1.0, 1.0)
-            g_s = -sgn * (e * x_B * f_B + 1.0) * (1.0 - s * s)
-            g_t = f_B * (1.0 - t * t)
-            f_A = f_A + (ws * g_s[idxT]).sum(1) + (wt * g_t[idxT]).sum(1)
+            c0 = -sgn * (1.0 - s * s)
+            g_s = (c0 * e * x_B) * f_B + c0
+            g_t = (1.0 - t * t) * f_B
+            # g_s and g_t gathered as one [H, 2, N] array: stacked, inductor stores them
+            # once instead of recomputing them at each of the n gathered neighbours
+            # (L = 16, B = 64: the force 252 -> 215 us, with the stacked s, t 201 us)
+            g = torch.stack((g_s, g_t), 1)
+            f_A = f_A + (torch.stack((ws, wt), 1)[None] * g[idxT]).sum((1, 2))
             f = self._join(f_A, e * f_B, p)
         return f
 
