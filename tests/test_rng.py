@@ -170,6 +170,10 @@ def test_compiled_draws_agree_with_eager_and_do_not_recompile():
             (pc, lc), (pe, le) = c.momenta((6, 6)), e.momenta((6, 6))
             torch.testing.assert_close(pc, pe, rtol=0, atol=4 * 2.0 ** -52 * float(pe.abs().max()))
             torch.testing.assert_close(lc, le, rtol=1e-15, atol=1e-15)
+    # each draw compiled once (the counters are tensors, the block counts part of the
+    # signature) and called directly since (hpcflow.fused.CompiledGraph)
+    for graph in (c._normals, c._log_uniforms, c._momenta):
+        assert graph.dynamo_calls == 1 and graph.direct_calls >= 2, (graph.fn, graph.direct_calls)
     twin = PhiloxStreams(2, range(7), "compiled", compiled=True)
     twin.set_state(c.get_state())
     pi, log_u = c.momenta((6, 6))
