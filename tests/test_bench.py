@@ -139,6 +139,9 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
         for path in ("eager", "compiled"):
             assert f[a][path]["trajectory_seconds"] > 0 and f[a][path]["force_seconds"] > 0
     assert f["fhmc"]["compiled"]["wired"].startswith("[run] compile = auto|on")
+    c = r["call_overhead"]
+    assert c["direct_path_taken"] is False  # torch.compile is the identity here: no graph
+    assert min(c["dynamo_call_seconds"], c["direct_call_seconds"], c["eager_seconds"]) > 0
     floor = f["ratios"]["transcendental_floor"]
     h = f["hmc"][f["ratios"]["best_paths"]["hmc"]]
     n = floor["forces_per_trajectory"]

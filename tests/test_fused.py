@@ -146,6 +146,17 @@ def test_compiled_graph_calls_the_graph_directly_after_compiling_it():
     shift.offset.mul_(10.0)
     assert torch.equal(g(x)[0], x + shift.offset) and g.direct_calls == 1
 
+    # a second CompiledGraph of the same function, after a plain torch.compile of it too,
+    # compiles its own graph (dynamo caches per code object) and calls it directly
+    plain = torch.compile(_scaled_sum, dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        plain(x, y)
+    twin = fused.compile_graph(_scaled_sum)
+    for _ in range(2):
+        assert torch.equal(twin(x, y)[1], first[1])
+    assert (twin.dynamo_calls, twin.direct_calls) == (1, 1)
+    assert torch.equal(fn(x, y)[0], first[0]) and fn.dynamo_calls == 4  # still direct
+
     passthrough = fused.compile_graph(lambda a, b: (a, a * b))
     for _ in range(2):
         out = passthrough(x, y)

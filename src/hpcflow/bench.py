@@ -43,6 +43,10 @@ block), so the ratios within a cell compare blocks measured seconds apart.
     The device's copy bandwidth (a 256 MB float64 copy, read + write counted) and the HMC
     bound it sets at 40 bytes per site-step; every HMC cell's ``ratio_to_bandwidth_bound``
     divides its rates by that bound (above 1 where a batch fits in a cache).
+``call_overhead``
+    Seconds per call of a two-operation graph on 4 numbers through ``torch.compile``
+    (dynamo) and as :class:`hpcflow.fused.CompiledGraph` calls every production graph
+    (directly), and eager: what each compiled call costs beside its kernel.
 ``fhmc``
     FHMC over the minimal flow (k = 3, one coupling layer, no hidden channels; generic
     weights) against HMC at L = ``--fhmc-L`` (16), B = ``--fhmc-batch`` (64): seconds per
@@ -372,6 +376,33 @@ def bench_bandwidth(device, nbytes: int = 2 ** 28, min_seconds: float = 0.3,
     return {"bytes_copied": nbytes, "bytes_per_second": bandwidth,
             "bytes_per_site_step": BYTES_PER_SITE_STEP,
             "bound_site_steps_per_second": bandwidth / BYTES_PER_SITE_STEP}
+
+
+def _two_ops(x, y):
+    return x + y, x - y
+
+
+def bench_call_overhead(device, min_seconds: float = 0.3, repeat: int = 3) -> dict:
+    """What a compiled call costs beside its kernel: a graph of two elementwise operations
+    on 4 float64 numbers, called through ``torch.compile`` (dynamo evaluates the frame and
+    its guards every call) and as :class:`hpcflow.fused.CompiledGraph` calls it (the same
+    inductor graph, directly), timed in the same rounds; eager, for scale."""
+    from . import fused
+
+    x = torch.ones(4, dtype=torch.float64, device=device)
+    y = torch.full_like(x, 0.5)
+    through_dynamo = torch.compile(_two_ops, dynamic=False, fullgraph=True)
+    direct = fused.compile_graph(_two_ops)
+
+    def dynamo_call():
+        with torch.no_grad():
+            return through_dynamo(x, y)
+
+    sec = seconds_together({"dynamo": dynamo_call, "direct": lambda: direct(x, y),
+                            "eager": lambda: _two_ops(x, y)}, device, min_seconds, repeat)
+    return {"graph": "x + y, x - y on 4 float64", "direct_path_taken": direct.direct_calls > 0,
+            "dynamo_call_seconds": sec["dynamo"], "direct_call_seconds": sec["direct"],
+            "eager_seconds": sec["eager"]}
 
 
 def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) -> dict:
@@ -1253,6 +1284,12 @@ def main(argv=None) -> int:
         result["reference"] = info
         result["bandwidth"] = bw = bench_bandwidth(device, min_seconds=args.min_seconds,
                                                    repeat=args.repeat)
+        if args.compile:
+            try:
+                result["call_overhead"] = bench_call_overhead(device, args.min_seconds,
+                                                              args.repeat)
+            except Exception as err:  # no compiler: the HMC cells say so too
+                result["call_overhead"] = {"skipped": f"torch.compile failed: {err}"}
         result["hmc"] = []
         print(HMC_HEADER, flush=True)
         for L in args.Ls:

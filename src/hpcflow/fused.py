@@ -194,13 +194,17 @@ class CompiledGraph:
     decide: the compiled graph's inputs are the call's tensors (matched by identity) and
     such closure tensors, its outputs are the tensors ``fn`` returned, and a second call of
     it gives them bit for bit; otherwise that signature stays with dynamo (``direct_calls``
-    and ``dynamo_calls`` count the two kinds)."""
+    and ``dynamo_calls`` count the two kinds).  dynamo caches graphs per code object, so a
+    first call that another compilation of the same code served (another CompiledGraph of
+    the same closure, a plain torch.compile of the function) drops that cache entry and
+    compiles again, once, for this object."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
         self._dynamo = torch.compile(fn, dynamic=False, fullgraph=True, backend=self._backend)
         self._compiled: list = []
         self._direct: dict = {}
+        self._tried: set = set()
         self.direct_calls = self.dynamo_calls = 0
 
     def _backend(self, gm, example_inputs):
@@ -226,6 +230,15 @@ class CompiledGraph:
             self._compiled.clear()
             self.dynamo_calls += 1
             out = self._dynamo(*args)
+            if not self._compiled and signature not in self._tried:
+                # dynamo caches per code object: another CompiledGraph of the same code (or
+                # a torch.compile of it) served this call from its own graph, which this
+                # one cannot call directly; drop that entry and compile this one's
+                from torch._dynamo.eval_frame import reset_code
+
+                reset_code(getattr(self.fn, "__func__", self.fn).__code__)
+                out = self._dynamo(*args)
+            self._tried.add(signature)
             if len(self._compiled) == 1:
                 self._adopt(signature, args, out, *self._compiled[0])
             self._compiled.clear()
