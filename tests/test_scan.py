@@ -265,24 +265,27 @@ def test_local_runner_runs_every_job_then_skips(finished_scan, monkeypatch, capl
 
 @pytest.mark.slow
 def test_interrupted_scan_finishes_the_missing_jobs_only(finished_scan, tmp_path):
-    """Kill the runner during its 4th job; the rerun skips the first three, resumes and gives
-    the same measurements as the uninterrupted scan (seeds depend on the job, not the
-    directory)."""
+    """Kill the runner inside its 4th job (L4-gaussian-k3-train, the scan's first training,
+    with its flow file written beside the result but not yet renamed onto it); the rerun
+    skips the first three, redoes the 4th and gives the same measurements as the
+    uninterrupted scan (seeds depend on the job, not the directory).
+
+    The kill is a fault-injection point, not a signal on seeing the job's log line: that
+    job takes well under a second, and a polling kill (stop 23's CI) sometimes came after
+    it had finished."""
+    from hpcflow import store
+
     ref_dir = finished_scan[0] / "tiny"
     path = tiny_scan(tmp_path)
-    log = tmp_path / "log"
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as fh:
-        p = subprocess.Popen([sys.executable, "-m", "hpcflow.scan", "run", str(path)], cwd=tmp_path,
-                             stdout=fh, stderr=subprocess.STDOUT, env=env)
-        import time
-        t0 = time.monotonic()
-        while "4/15" not in log.read_text() and p.poll() is None and time.monotonic() - t0 < 300:
-            time.sleep(0.05)
-        p.kill()
-        p.wait()
-    first = log.read_text()
-    assert "4/15" in first and "5/15" not in first
+    p = subprocess.run([sys.executable, "-m", "hpcflow.scan", "run", str(path)], cwd=tmp_path,
+                       capture_output=True, text=True, env={**env, "HPCFLOW_TEST_KILL": "flow-tmp"})
+    first = p.stdout + p.stderr
+    assert p.returncode == store.KILLED_STATUS, first
+    assert "4/15 L4-gaussian-k3-train: running" in first and "5/15" not in first
+    assert "3/15 L4-hmc-tau2: done" in first
+    train_dir = tmp_path / "tiny" / "runs" / "L4-gaussian-k3"
+    assert [f.name for f in train_dir.glob("flow.pt*")] == ["flow.pt.tmp"]
     p = subprocess.run([sys.executable, "-m", "hpcflow.scan", "run", str(path)], cwd=tmp_path,
                        capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
