@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from hpcflow import bench
+from hpcflow import bench, fused
 from hpcflow.action import Phi4Action
 from hpcflow.hmc import INTEGRATORS
 
@@ -104,6 +104,13 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
         assert o["layout"] == "site-major" and o["hmc_step_seconds"] > 0
         assert o["speedup_of_layout"] == pytest.approx(o["hmc_step_seconds"]
                                                        / cell["compiled"]["hmc_step_seconds"])
+        d = cell["compiled"]["inductor_default"]  # the MD graph at inductor's defaults
+        assert cell["compiled"]["md_inductor"] == fused.MD_INDUCTOR and d["md_inductor"] == {}
+        assert d["layout"] == "batch-major" and d["hmc_step_seconds"] > 0
+        assert d["trajectory_speedup_of_md_inductor"] == pytest.approx(
+            d["trajectory_seconds"] / cell["compiled"]["trajectory_seconds"])
+        assert d["step_speedup_of_md_inductor"] == pytest.approx(
+            d["hmc_step_seconds"] / cell["compiled"]["hmc_step_seconds"])
         assert cell["reference"]["site_steps_per_second"] > 0
         assert set(cell["ratio_to_reference"]) == {"eager_hmc_step", "eager_trajectory",
                                                    "compiled_hmc_step", "compiled_trajectory",

@@ -222,6 +222,48 @@ def test_layouts_are_bit_identical(B_, L_, integrator):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", fused.LAYOUTS)
+def test_md_inductor_settings_reach_the_md_graph_and_change_no_number(layout, monkeypatch):
+    """The MD graph is compiled with fused.MD_INDUCTOR (seen by inductor's compile_fx), the
+    other graphs with inductor's defaults; the trajectory and the fused step equal those
+    compiled at inductor's defaults bit for bit (stored or recomputed, a drift is the same
+    operations)."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+    real = cfx.compile_fx
+
+    def recording(gm, example_inputs, *args, config_patches=None, **kwargs):
+        from torch._inductor import config
+
+        seen.append((config_patches, config.realize_reads_threshold))
+        return real(gm, example_inputs, *args, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(cfx, "compile_fx", recording)
+    B_, L_ = 16, 6
+    streams = ReplicaStreams(5, range(B_), "md-inductor")
+    phi, pi = 0.5 * streams.normal((L_, L_), "cpu"), streams.normal((L_, L_), "cpu")
+    S, log_u = TARGET.action(phi), torch.linspace(-0.3, 0.3, B_, dtype=torch.float64)
+    out = []
+    try:
+        for inductor in (None, {}):
+            fused.new_job()
+            fn = fused.compile_trajectory(TARGET, INTEGRATORS["omf2"], 1.0, 5, (phi, pi),
+                                          layout=layout, chunk_sites=0, inductor=inductor)
+            md = fn.graphs[1 if layout == "site-major" else 0]
+            assert md.inductor == (fused.MD_INDUCTOR if inductor is None else {})
+            assert all(g.inductor == {} for g in fn.graphs if g is not md)
+            out.append((fn(phi, pi), fn.step(phi, S, pi, log_u)))
+    except fused.CompileUnavailable as err:
+        pytest.skip(f"torch.compile unavailable here: {err}")
+    # compile_fx applies its patches and calls itself: inductor then sees the setting
+    assert [t for _, t in seen].count(1) == 1      # the first trajectory's MD graph only
+    assert [p for p, _ in seen].count(fused.MD_INDUCTOR) == 1
+    for a, b in zip(*out):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.slow
 def test_chunked_trajectory_is_the_whole_batch_bit_for_bit():
     """A batch run in chunks of replicas (the last one padded) gives the unchunked compiled
     trajectory bit for bit and the eager one to 1e-12, and is compiled once (dynamo refuses

@@ -24,6 +24,10 @@ block), so the ratios within a cell compare blocks measured seconds apart.
       unfused / fused seconds, ``in_production`` which one productions run;
       ``compiled.other_layout``: the other layout as a production would compile it, its
       rates and ``speedup_of_layout`` = its step seconds / the production's;
+      ``compiled.inductor_default``: the production's layout with its MD graph compiled at
+      inductor's default settings instead of ``fused.MD_INDUCTOR`` (``md_inductor``), its
+      rates and ``trajectory_speedup_of_md_inductor``, ``step_speedup_of_md_inductor`` =
+      its seconds / the production's;
     - ``reference``: the same trajectory by a C loop (``ref/leapfrog.c``, one pass over the
       sites per step, compiled now with the system's ``--cc`` at -O3 -march=native and
       called through ctypes on the same [B, L, L] float64 layout).  It is first checked
@@ -314,7 +318,8 @@ def _path_rates(sec: float, tsec: float, sites: int, B: int) -> dict:
 
 def compile_for_shape(action, steps: int, example, chunk_sites: int | None = None,
                       reset: bool = True, metropolis: bool | None = None,
-                      layout: str | None = None) -> tuple[object, dict]:
+                      layout: str | None = None, inductor: dict | None = None
+                      ) -> tuple[object, dict]:
     """The fused trajectory compiled for one batch shape: (function or None, info), as a
     production compiles it (chunked in replicas on a CPU, :func:`hpcflow.fused.chunk_rows`;
     ``chunk_sites`` 0: the whole batch in one call).
@@ -332,11 +337,12 @@ def compile_for_shape(action, steps: int, example, chunk_sites: int | None = Non
     try:
         fn = fused.compile_trajectory(action, INTEGRATORS["leapfrog"], 1.0, steps, example,
                                       chunk_sites=chunk_sites, metropolis=metropolis,
-                                      layout=layout)
+                                      layout=layout, inductor=inductor)
     except fused.CompileUnavailable as err:
         return None, {"unavailable": str(err)}
     return fn, {"compile_seconds": time.perf_counter() - t0, "graphs_before_timing": _graphs() - g0,
-                "layout": getattr(fn, "layout", None), "metropolis_fused": hasattr(fn, "step"),
+                "layout": getattr(fn, "layout", None),
+                "md_inductor": fused.MD_INDUCTOR if inductor is None else inductor, "metropolis_fused": hasattr(fn, "step"),
                 "chunk_rows": getattr(fn, "rows", example[0].shape[0]), "_g0": g0}
 
 
@@ -452,6 +458,15 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
                 fns["other_layout_step"] = hmc_runner(action, B, L, args.steps, device,
                                                       trajectory=fo)
                 fns["other_layout_trajectory"] = lambda: fo(phi0, pi0)
+            # the production's layout with the MD graph compiled at inductor's defaults
+            fd = None
+            if args.variants:
+                fd, dflt = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites,
+                                             reset=False, layout=info["layout"], inductor={})
+            if fd is not None:
+                fns["inductor_default_step"] = hmc_runner(action, B, L, args.steps, device,
+                                                          trajectory=fd)
+                fns["inductor_default_trajectory"] = lambda: fd(phi0, pi0)
     if ref is not None:
         phi_r, pi_r = (t.detach().to("cpu", copy=True).contiguous() for t in (phi0, pi0))
         S_r = torch.empty(B, dtype=torch.float64)
@@ -470,6 +485,14 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
                                                        sec["other_layout_trajectory"], sites, B)
                 info["other_layout"]["speedup_of_layout"] = (sec["other_layout_step"]
                                                              / sec["compiled_step"])
+            if "inductor_default_step" in sec:
+                dflt.pop("_g0")
+                info["inductor_default"] = dflt | _path_rates(
+                    sec["inductor_default_step"], sec["inductor_default_trajectory"], sites, B)
+                info["inductor_default"]["trajectory_speedup_of_md_inductor"] = (
+                    sec["inductor_default_trajectory"] / sec["compiled_trajectory"])
+                info["inductor_default"]["step_speedup_of_md_inductor"] = (
+                    sec["inductor_default_step"] / sec["compiled_step"])
             if "fused_metropolis_step" in sec:  # the step with the test fused and without
                 fused_s, unfused_s = sec["fused_metropolis_step"], sec["compiled_step"]
                 if info["metropolis_fused"]:

@@ -17,7 +17,7 @@ compiler and on CUDA with Triton, from the same source):
   - *site-major* (CPU, the default from 16 chains): the fields transposed to [L0, L1, B]
     in one graph, the MD there in a second (every roll moves rows of B contiguous numbers),
     transposed back in a third (:func:`site_major_parts`).  In the bench's run
-    (results/bench-cpu.json, ``other_layout``) the batch-major step took 1.25 to 1.62
+    (results/bench-cpu.json, ``other_layout``) the batch-major step took 1.30 to 1.46
     times as long at B >= 64.
 
   Both layouts end with the same graphs on the batch-major end point (:func:`end_parts`):
@@ -28,7 +28,7 @@ compiler and on CUDA with Triton, from the same source):
   then calls (``step``), in both layouts (bit for bit the same in both; fused in one and
   eager in the other, dH would differ by rounding between the layouts, so between rank
   counts).  Measured in the same rounds (results/bench-cpu.json, ``fused_metropolis``),
-  eager / fused step seconds were 1.05 to 1.39 site-major (B = 64 ... 1024) and 1.32, 1.14
+  eager / fused step seconds were 1.05 to 1.43 site-major (B = 64 ... 1024) and 1.31, 1.14
   batch-major (B = 1).  ``metropolis=False`` leaves the test eager.
 - FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
   family without hidden channels, e.g. the minimal model): the flowed force *and* action,
@@ -176,8 +176,8 @@ class CompiledGraph:
     """``fn`` compiled by ``torch.compile`` (inductor, ``fullgraph``, static shapes), called
     under ``torch.no_grad()``, and, once compiled for a signature, called without dynamo.
 
-    A call through dynamo evaluates the frame and its guards and wraps the graph: 29 us per
-    call on the 2-core development machine, against 10.5 us for a call of the same inductor
+    A call through dynamo evaluates the frame and its guards and wraps the graph: 28 us per
+    call on the 2-core development machine, against 10.4 us for a call of the same inductor
     code directly (a two-operation graph on 4 numbers; results/bench-cpu.json,
     ``call_overhead``), and an HMC step calls four graphs.  So the backend here is inductor's own
     (``compile_fx``, what ``backend="inductor"`` runs), and it keeps what it compiles: the
@@ -197,10 +197,15 @@ class CompiledGraph:
     and ``dynamo_calls`` count the two kinds).  dynamo caches graphs per code object, so a
     first call that another compilation of the same code served (another CompiledGraph of
     the same closure, a plain torch.compile of the function) drops that cache entry and
-    compiles again, once, for this object."""
+    compiles again, once, for this object.
 
-    def __init__(self, fn: Callable):
+    ``inductor``: settings of ``torch._inductor.config`` for this graph's compilation only
+    (``compile_fx``'s ``config_patches``; inductor's disk cache keys on them), e.g.
+    :data:`MD_INDUCTOR`."""
+
+    def __init__(self, fn: Callable, inductor: dict | None = None):
         self.fn = fn
+        self.inductor = dict(inductor or {})
         self._dynamo = torch.compile(fn, dynamic=False, fullgraph=True, backend=self._backend)
         self._compiled: list = []
         self._direct: dict = {}
@@ -210,7 +215,7 @@ class CompiledGraph:
     def _backend(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
-        graph = compile_fx(gm, example_inputs)
+        graph = compile_fx(gm, example_inputs, config_patches=self.inductor or None)
         self._compiled.append((graph, list(example_inputs)))
         return graph
 
@@ -267,27 +272,46 @@ class CompiledGraph:
         self._direct[signature] = (graph, plan, bound, single)
 
 
-def compile_graph(fn: Callable) -> CompiledGraph:
+def compile_graph(fn: Callable, inductor: dict | None = None) -> CompiledGraph:
     """``fn`` (tensors in, a tensor or a tuple of tensors out) compiled, static shapes,
-    called without grad and, once compiled, without dynamo (:class:`CompiledGraph`)."""
-    return CompiledGraph(fn)
+    called without grad and, once compiled, without dynamo (:class:`CompiledGraph`), with
+    the inductor settings ``inductor`` for this graph."""
+    return CompiledGraph(fn, inductor)
+
+
+#: Inductor settings of the compiled HMC MD graphs (both layouts).  Inductor inlines a
+#: pointwise value into each of its consumers unless it has several users and reads more
+#: than ``realize_reads_threshold`` (4) buffers; a drift phi + eps pi reads two, so each of
+#: the five stencil reads of the next force recomputed it, and the recomputations nest over
+#: the MD steps (the L = 16, B = 64 trajectory graph loaded 126 vectors in 13 loops, against
+#: 66 in 11 with 1).  At 1 every value with several users that reads more than one buffer
+#: is stored once, as the C loop does.  The same operations, so the same numbers bit for
+#: bit (tested).  The FHMC graphs keep inductor's default: at 1 their force took longer.
+#: Measured by the bench, ``inductor_default`` (results/bench-cpu.json): the trajectory
+#: 1.14 to 1.33 times faster with this setting at L = 64 or B >= 64 (1.03 at L = 16, B = 1).
+MD_INDUCTOR = {"realize_reads_threshold": 1}
 
 
 def hmc_trajectory(action, integrator, length: float, n_steps: int, layout: str,
-                   metropolis: bool = True) -> Callable:
+                   metropolis: bool = True, inductor: dict | None = None) -> Callable:
     """The compiled HMC trajectory (phi, pi) -> (phi', pi', S(phi')) on [B, L0, L1] batches
     in ``layout``: the MD (site-major: :func:`sites_first`, :func:`site_major_parts`;
     batch-major: the integrator on the batch, one graph), then :func:`end_parts`.  With
-    ``metropolis`` it carries ``step`` (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted)."""
+    ``metropolis`` it carries ``step`` (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted).
+    ``inductor``: the MD graph's inductor settings (None: :data:`MD_INDUCTOR`; ``{}``:
+    inductor's defaults)."""
+    md_inductor = MD_INDUCTOR if inductor is None else inductor
     if layout == "site-major":
         md, back = site_major_parts(action, integrator, length, n_steps)
-        to_sites, md, back = (compile_graph(f) for f in (sites_first, md, back))
+        to_sites, back = compile_graph(sites_first), compile_graph(back)
+        md = compile_graph(md, md_inductor)
 
         def end_points(phi, pi):
             return back(*md(*to_sites(phi, pi)))
     else:
         eps = length / n_steps
-        end_points = compile_graph(lambda phi, pi: integrator(phi, pi, action.force, eps, n_steps))
+        end_points = compile_graph(lambda phi, pi: integrator(phi, pi, action.force, eps, n_steps),
+                                   md_inductor)
     end_action, end_step = (compile_graph(f) for f in end_parts(action))
 
     def trajectory(phi, pi):
@@ -372,10 +396,11 @@ def new_job() -> None:
 #: ``CPU_CHUNK_SITES`` sites (:func:`chunked`), so that a chunk's fields stay in cache for
 #: the 2 n_steps + 1 passes of its trajectory instead of streaming from memory on every
 #: pass.  Measured in one bench run on the 2-core development machine
-#: (results/bench-cpu.json, ``unchunked``), site-major: L = 64 trajectories at 494, 416, 332
-#: M site-steps/s chunked (B = 64, 256, 1024) against 397, 234, 109 M in one call; the
-#: L = 16, B = 1024 one at 411 chunked against 226 M (an earlier run had batches within
-#: the cache a few per cent slower chunked; those beyond it gain up to 3 times).  Batch-major, in an earlier run,
+#: (results/bench-cpu.json, ``unchunked``), site-major: L = 64 trajectories at 669, 479, 454
+#: M site-steps/s chunked (B = 64, 256, 1024) against 545, 228, 130 M in one call; the
+#: L = 16, B = 1024 one at 543 chunked against 473 M (an earlier run had batches within
+#: the cache a few per cent slower chunked; those beyond it gain up to 3.5 times; chunks of
+#: 16384, 32768 and 131072 sites, tried once, were not faster).  Batch-major, in an earlier run,
 #: batches that fit in cache ran 7-20 % slower chunked, hence its higher threshold.
 #: ``python -m hpcflow.bench --chunk-sites N`` measures another chunk size.
 CPU_CHUNK_SITES = 65536
@@ -386,15 +411,15 @@ LAYOUTS = ("site-major", "batch-major")
 
 
 #: Smallest batch (replicas per rank) run site-major on a CPU: the batch is the vectorised
-#: dimension there (16 float64 lanes in inductor's AVX-512 loops); a batch of one ran 4.1
-#: (L = 16) and 2.1 (L = 64) times slower site-major (results/bench-cpu.json, ``other_layout``).
+#: dimension there (16 float64 lanes in inductor's AVX-512 loops); a batch of one ran 4.0
+#: (L = 16) and 2.2 (L = 64) times slower site-major (results/bench-cpu.json, ``other_layout``).
 SITE_MAJOR_MIN_BATCH = 16
 
 
 def default_layout(device, B: int) -> str:
     """The compiled HMC trajectory's layout for B chains on ``device``: site-major on a CPU
     for B >= :data:`SITE_MAJOR_MIN_BATCH` (measured in the bench, ``other_layout``: the
-    batch-major step at B = 64 ... 1024 took 1.25 to 1.62 times as long), batch-major
+    batch-major step at B = 64 ... 1024 took 1.30 to 1.46 times as long), batch-major
     elsewhere (a GPU reads the rolls of a [B, L0, L1] batch coalesced, and the
     transpositions would be two more passes; not measured, no GPU was lent).  The layouts
     give the same numbers bit for bit, so the choice, which depends on the replicas per
@@ -448,7 +473,7 @@ def chunked(fn: Callable, rows: int) -> Callable:
 def compile_trajectory(action, integrator, length: float, n_steps: int,
                        example: tuple[torch.Tensor, torch.Tensor] | None = None,
                        chunk_sites: int | None = None, metropolis: bool | None = None,
-                       layout: str | None = None) -> Callable:
+                       layout: str | None = None, inductor: dict | None = None) -> Callable:
     """The fused trajectory (phi, pi) -> (phi', pi', S(phi')) of ``integrator`` over
     ``action`` with step length / n_steps (see the module docstring for what is fused);
     its ``graphs`` are the :class:`CompiledGraph` it calls.
@@ -470,7 +495,8 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
     ``metropolis`` None: fused (HMC), whatever the layout: the fused test's dH and S
     differ from the eager test's by rounding, so a choice that depended on the layout,
     which depends on the replicas per rank, would make the chains depend on the rank count
-    (tests/test_mpi.py caught it)."""
+    (tests/test_mpi.py caught it).  ``inductor`` (HMC): the MD graph's inductor settings
+    (None: :data:`MD_INDUCTOR`)."""
     if type(action) is FlowedAction:
         reason = _flowed_reason(action)
         if reason is not None:
@@ -490,7 +516,7 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if metropolis is None:
             metropolis = True
-        fn = hmc_trajectory(action, integrator, length, n_steps, layout, metropolis)
+        fn = hmc_trajectory(action, integrator, length, n_steps, layout, metropolis, inductor)
         step, graphs = getattr(fn, "step", None), fn.graphs
         if example is not None:
             phi = example[0]
@@ -693,7 +719,7 @@ class StencilFlow:
             # g_s and g_t gathered as one [H, 2, N] array: stacked, inductor stores them
             # once instead of recomputing them at each of the n gathered neighbours
             # (the bench's compiled flowed force at L = 16, B = 64: 257 us in results/bench-cpu.json
-            # at 052aeac, 199 us with both stackings)
+            # at 052aeac, 199-200 us with both stackings)
             g = torch.stack((g_s, g_t), 1)
             f_A = f_A + (w * g[idxT]).sum((1, 2))
             f = self._join(f_A, e * f_B, p)
