@@ -401,8 +401,11 @@ def children_ranks(mpirun_pid):
 
 
 def test_sigint_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
-    """Before: both ranks spun at 100% CPU forever."""
-    kw = dict(L=6, replicas=4, trajectories=4000, thermalization=10, checkpoint_every=1000,
+    """Before: both ranks spun at 100% CPU forever.  The signal goes 0.2 s after the first
+    checkpoint (trajectory 1000) with 7000 trajectories left, seconds of work here (1650
+    trajectories/s on the 2-core machine): with 4000 and a 1 s wait, a machine twice as
+    fast would have finished first."""
+    kw = dict(L=6, replicas=4, trajectories=8000, thermalization=10, checkpoint_every=1000,
               save_every=0)
     ini = write_input(tmp_path, **kw)
     p = subprocess.Popen([*MPIRUN, sys.executable, "-m", "mpi4py", "-m", "hpcflow.run", str(ini)],
@@ -410,7 +413,7 @@ def test_sigint_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     try:
         wait_for(lambda: (tmp_path / "out" / "hmc.h5").exists() and len(children_ranks(p.pid)) == 2,
                  what="both ranks running")
-        time.sleep(1.0)
+        time.sleep(0.2)
         os.kill(children_ranks(p.pid)[1], signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:
@@ -419,6 +422,7 @@ def test_sigint_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
             p.communicate()
     assert p.returncode == 3, out + err
     assert err.count("stopped by SIGINT at trajectory") == 1  # reported once, by rank 0
+    assert 1000 <= counter(tmp_path / "out" / "hmc.h5") < 8010
     rerun = subprocess.run([*MPIRUN, sys.executable, "-m", "mpi4py", "-m", "hpcflow.run", str(ini)],
                            env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
