@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from hpcflow import bench, fused
+from hpcflow import allocator, bench, fused
 from hpcflow.action import Phi4Action
 from hpcflow.hmc import INTEGRATORS
 
@@ -89,6 +89,8 @@ def test_json_has_the_keys(tmp_path, monkeypatch, reference):
             "total_seconds"} <= set(r)
     assert {"cpu_model", "cores", "torch", "threads", "c_compiler"} <= set(r["machine"])
     assert [(c["L"], c["B"]) for c in r["hmc"]] == [(4, 1), (4, 3), (6, 1), (6, 3)]
+    assert r["allocator_default"] == {"skipped": "needs B = 64 and a larger B in --batches"}
+    assert r["machine"]["allocator"] == allocator.tune()
     assert all(c["agrees"] for c in r["reference"]["checks"])
     for cell in r["hmc"]:
         for path in ("eager", "compiled"):
@@ -244,3 +246,24 @@ def test_flow_transcendentals_are_those_of_a_flowed_force():
     out = bench.flow_transcendentals(z, 2)
     assert out.shape == (4, 3)
     torch.testing.assert_close(out, x, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.slow
+def test_allocator_default_section(tmp_path):
+    """Child benches with glibc's default malloc settings and with the run's, in turn: per
+    cell seconds per replica of both and their ratio, per L the B_max / B = 64 figure."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--Ls", "4", "--batches", "64,80", "--no-reference", "--no-fhmc",
+                       "--no-memory", "--no-scaling", "--no-production", "--no-variants",
+                       "--min-seconds", "0.01", "--repeat", "1", "--allocator-repeat", "1",
+                       "--out", str(out)]) == 0
+    a = json.loads(out.read_text())["allocator_default"]
+    assert a["allocator"]["default"] == {"skipped": "HPCFLOW_MALLOC=default"}
+    assert a["allocator"]["tuned"] == allocator.tune()
+    assert [(c["L"], c["B"]) for c in a["cells"]] == [(4, 64), (4, 80)]
+    for c in a["cells"]:
+        assert c["speedup"] == pytest.approx(c["default_seconds_per_replica"]
+                                             / c["tuned_seconds_per_replica"])
+    cells = {(c["L"], c["B"]): c for c in a["cells"]}
+    assert a["per_replica_over_B64"]["4"]["tuned"] == pytest.approx(
+        cells[4, 64]["tuned_seconds_per_replica"] / cells[4, 80]["tuned_seconds_per_replica"])

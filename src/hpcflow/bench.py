@@ -126,6 +126,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .allocator import tune as tune_allocator
 from .action import Phi4Action
 from .hmc import INTEGRATORS, hmc_step, init_state
 from . import rng
@@ -421,9 +422,10 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
     row = {"L": L, "B": B, "site_steps_per_trajectory": sites}
     phi0, pi0 = start_point(B, L, device)
     eager = eager_trajectory(action, INTEGRATORS["leapfrog"], 1.0, args.steps)
-    fns = {"eager_step": hmc_runner(action, B, L, args.steps, device),
-           "eager_trajectory": lambda: eager(phi0, pi0),
-           "momenta": momenta_draw(B, L, device)}
+    fns = {"momenta": momenta_draw(B, L, device)}
+    if args.eager:
+        fns |= {"eager_step": hmc_runner(action, B, L, args.steps, device),
+                "eager_trajectory": lambda: eager(phi0, pi0)}
     info = None
     if args.compile:
         fn, info = compile_for_shape(action, args.steps, (phi0, pi0), args.chunk_sites)
@@ -472,7 +474,8 @@ def bench_hmc_cell(args, device, action, L: int, B: int, ref: Reference | None) 
         S_r = torch.empty(B, dtype=torch.float64)
         fns["reference"] = lambda: ref.run_inplace(phi_r, pi_r, S_r)
     sec = seconds_together(fns, device, args.min_seconds, args.repeat)
-    row["eager"] = _path_rates(sec["eager_step"], sec["eager_trajectory"], sites, B)
+    row["eager"] = (_path_rates(sec["eager_step"], sec["eager_trajectory"], sites, B)
+                    if args.eager else {"skipped": "--no-eager"})
     if info is not None:
         if "compiled_step" in sec:
             info |= _path_rates(sec["compiled_step"], sec["compiled_trajectory"], sites, B)
@@ -558,8 +561,8 @@ def hmc_line(r: dict) -> str:
 
     c = r.get("compiled", {})
     ratio = r.get("best_ratio_to_reference")
-    return (f"{r['L']:4d} {r['B']:6d} {m(r['eager']['hmc_site_steps_per_second'])} "
-            f"{m(r['eager']['trajectory_site_steps_per_second'])} "
+    return (f"{r['L']:4d} {r['B']:6d} {m(r['eager'].get('hmc_site_steps_per_second'))} "
+            f"{m(r['eager'].get('trajectory_site_steps_per_second'))} "
             f"{m(c.get('hmc_site_steps_per_second'))} {m(c.get('trajectory_site_steps_per_second'))} "
             f"{c['compile_seconds'] if 'compile_seconds' in c else float('nan'):8.1f} "
             f"{m(r.get('reference', {}).get('site_steps_per_second'))} "
@@ -895,6 +898,58 @@ def _child_env() -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def bench_allocator_default(args, tmp: Path) -> dict:
+    """The compiled HMC step of the per-replica targets' cells (B = 64 and the largest B of
+    the table, at every L) with glibc's default malloc settings (``HPCFLOW_MALLOC=default``)
+    and with the run's (:func:`hpcflow.allocator.tune`), in child benches run in
+    turn, ``--allocator-repeat`` each; the fastest of each cell's runs is kept.  Per cell:
+    seconds per replica for both and their ratio; per L: B_max / B = 64 per replica, as the
+    targets compute it."""
+    B_max = max(args.batches)
+    if 64 not in args.batches or B_max <= 64:
+        return {"skipped": "needs B = 64 and a larger B in --batches"}
+    argv = [sys.executable, "-m", "hpcflow.bench", "--Ls", ",".join(map(str, args.Ls)),
+            "--batches", f"64,{B_max}", "--no-eager", "--no-reference", "--no-fhmc", "--no-memory",
+            "--no-scaling", "--no-production", "--no-variants", "--no-allocator",
+            "--min-seconds", str(args.min_seconds), "--repeat", str(args.repeat),
+            "--steps", str(args.steps), "--beta", str(args.beta), "--lam", str(args.lam),
+            "--threads", str(args.threads), "--device", args.device]
+    if args.chunk_sites is not None:
+        argv += ["--chunk-sites", str(args.chunk_sites)]
+    runs: dict[str, list] = {"default": [], "tuned": []}
+    for i in range(args.allocator_repeat):
+        for mode in runs:
+            env = _child_env()
+            env.pop("HPCFLOW_MALLOC", None)
+            if mode == "default":
+                env["HPCFLOW_MALLOC"] = "default"
+            out = tmp / f"allocator-{mode}-{i}.json"
+            p = subprocess.run([*argv, "--out", str(out)], env=env, capture_output=True,
+                               text=True, timeout=args.scaling_timeout)
+            if p.returncode:
+                return {"skipped": f"child bench failed: {(p.stderr or p.stdout).strip()[-300:]}"}
+            child = json.loads(out.read_text())
+            runs[mode].append({(c["L"], c["B"]): c["compiled"]["hmc_step_seconds"] / c["B"]
+                               for c in child["hmc"] if "hmc_step_seconds" in c.get("compiled", {})})
+            runs[mode][-1]["allocator"] = child["machine"]["allocator"]
+    out = {"command": " ".join(argv[1:]) + "  (HPCFLOW_MALLOC=default, and unset)",
+           "repeat": args.allocator_repeat,
+           "allocator": {m: r[0]["allocator"] for m, r in runs.items()}, "cells": [],
+           "per_replica_over_B64": {}}
+    best = {m: {k: min(r[k] for r in rs) for k in rs[0] if k != "allocator"}
+            for m, rs in runs.items()}
+    for key in sorted(best["tuned"]):
+        L, B = key
+        out["cells"].append({"L": L, "B": B,
+                             "default_seconds_per_replica": best["default"][key],
+                             "tuned_seconds_per_replica": best["tuned"][key],
+                             "speedup": best["default"][key] / best["tuned"][key]})
+    for L in args.Ls:
+        out["per_replica_over_B64"][str(L)] = {
+            m: best[m][(L, 64)] / best[m][(L, B_max)] for m in best}
+    return out
 
 
 def bench_memory(args, device) -> dict:
@@ -1235,6 +1290,8 @@ def main(argv=None) -> int:
                          "hpcflow.fused.CPU_CHUNK_SITES above CPU_CHUNK_ABOVE sites, what "
                          "productions use)")
     ap.add_argument("--no-reference", dest="reference", action="store_false")
+    ap.add_argument("--no-eager", dest="eager", action="store_false",
+                    help="HMC table: the compiled paths only (the allocator section's children)")
     ap.add_argument("--no-fhmc", dest="fhmc", action="store_false")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false")
@@ -1256,6 +1313,10 @@ def main(argv=None) -> int:
     ap.add_argument("--production-trajectories", type=int,
                     help="per replica (1000; quick: 100)")
     ap.add_argument("--production-repeat", type=int, help="rounds of the variants (3; quick: 1)")
+    ap.add_argument("--no-allocator", dest="allocator", action="store_false",
+                    help="skip the per-replica cells with glibc's default allocator settings")
+    ap.add_argument("--allocator-repeat", type=int, default=2,
+                    help="child runs per allocator setting, alternating (2)")
     ap.add_argument("--frozen-backends", action="store_true",
                     help="only compare the sparse and fft FrozenFlow backends (see above)")
     ap.add_argument("--max-seconds", type=float, default=2.0,
@@ -1270,6 +1331,7 @@ def main(argv=None) -> int:
     args.batches = [int(b) for b in str(args.batches).split(",")]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    allocator = tune_allocator()
     if args.memory_probe:
         L, B, mode = args.memory_probe.split(",")
         print(json.dumps(memory_probe(int(L), int(B), mode, args.steps, device, args.chunk_sites)))
@@ -1277,6 +1339,7 @@ def main(argv=None) -> int:
 
     result = {"machine": machine(args.cc),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "memory_probe")}}
+    result["machine"]["allocator"] = allocator  # as a production's make_world does
     if args.frozen_backends:
         result["frozen_backends"] = main_frozen_backends(args, device)
         with open(args.out, "w") as f:
@@ -1334,6 +1397,8 @@ def main(argv=None) -> int:
             result["weak_scaling"] = bench_weak_scaling(args, tmp)
         if args.production:
             result["production"] = bench_production(args, tmp)
+        if args.allocator and args.compile:
+            result["allocator_default"] = bench_allocator_default(args, tmp)
     result["targets"] = targets(result)
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_end"] = list(os.getloadavg())

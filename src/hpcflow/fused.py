@@ -17,7 +17,7 @@ compiler and on CUDA with Triton, from the same source):
   - *site-major* (CPU, the default from 16 chains): the fields transposed to [L0, L1, B]
     in one graph, the MD there in a second (every roll moves rows of B contiguous numbers),
     transposed back in a third (:func:`site_major_parts`).  In the bench's run
-    (results/bench-cpu.json, ``other_layout``) the batch-major step took 1.30 to 1.46
+    (results/bench-cpu.json, ``other_layout``) the batch-major step took 1.13 to 1.41
     times as long at B >= 64.
 
   Both layouts end with the same graphs on the batch-major end point (:func:`end_parts`):
@@ -28,7 +28,7 @@ compiler and on CUDA with Triton, from the same source):
   then calls (``step``), in both layouts (bit for bit the same in both; fused in one and
   eager in the other, dH would differ by rounding between the layouts, so between rank
   counts).  Measured in the same rounds (results/bench-cpu.json, ``fused_metropolis``),
-  eager / fused step seconds were 1.05 to 1.43 site-major (B = 64 ... 1024) and 1.31, 1.14
+  eager / fused step seconds were 1.05 to 1.18 site-major (B = 64 ... 1024) and 1.30, 1.14
   batch-major (B = 1).  ``metropolis=False`` leaves the test eager.
 - FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
   family without hidden channels, e.g. the minimal model): the flowed force *and* action,
@@ -176,8 +176,8 @@ class CompiledGraph:
     """``fn`` compiled by ``torch.compile`` (inductor, ``fullgraph``, static shapes), called
     under ``torch.no_grad()``, and, once compiled for a signature, called without dynamo.
 
-    A call through dynamo evaluates the frame and its guards and wraps the graph: 28 us per
-    call on the 2-core development machine, against 10.4 us for a call of the same inductor
+    A call through dynamo evaluates the frame and its guards and wraps the graph: 26 us per
+    call on the 2-core development machine, against 10.1 us for a call of the same inductor
     code directly (a two-operation graph on 4 numbers; results/bench-cpu.json,
     ``call_overhead``), and an HMC step calls four graphs.  So the backend here is inductor's own
     (``compile_fx``, what ``backend="inductor"`` runs), and it keeps what it compiles: the
@@ -288,7 +288,7 @@ def compile_graph(fn: Callable, inductor: dict | None = None) -> CompiledGraph:
 #: is stored once, as the C loop does.  The same operations, so the same numbers bit for
 #: bit (tested).  The FHMC graphs keep inductor's default: at 1 their force took longer.
 #: Measured by the bench, ``inductor_default`` (results/bench-cpu.json): the trajectory
-#: 1.14 to 1.33 times faster with this setting at L = 64 or B >= 64 (1.03 at L = 16, B = 1).
+#: 1.14 to 1.28 times faster with this setting at L = 64 or B >= 64 (1.02 at L = 16, B = 1).
 MD_INDUCTOR = {"realize_reads_threshold": 1}
 
 
@@ -396,9 +396,9 @@ def new_job() -> None:
 #: ``CPU_CHUNK_SITES`` sites (:func:`chunked`), so that a chunk's fields stay in cache for
 #: the 2 n_steps + 1 passes of its trajectory instead of streaming from memory on every
 #: pass.  Measured in one bench run on the 2-core development machine
-#: (results/bench-cpu.json, ``unchunked``), site-major: L = 64 trajectories at 669, 479, 454
-#: M site-steps/s chunked (B = 64, 256, 1024) against 545, 228, 130 M in one call; the
-#: L = 16, B = 1024 one at 543 chunked against 473 M (an earlier run had batches within
+#: (results/bench-cpu.json, ``unchunked``), site-major: L = 64 trajectories at 647, 503, 482
+#: M site-steps/s chunked (B = 64, 256, 1024) against 498, 328, 225 M in one call; the
+#: L = 16, B = 1024 one at 564 chunked against 459 M (an earlier run had batches within
 #: the cache a few per cent slower chunked; those beyond it gain up to 3.5 times; chunks of
 #: 16384, 32768 and 131072 sites, tried once, were not faster).  Batch-major, in an earlier run,
 #: batches that fit in cache ran 7-20 % slower chunked, hence its higher threshold.
@@ -411,15 +411,15 @@ LAYOUTS = ("site-major", "batch-major")
 
 
 #: Smallest batch (replicas per rank) run site-major on a CPU: the batch is the vectorised
-#: dimension there (16 float64 lanes in inductor's AVX-512 loops); a batch of one ran 4.0
-#: (L = 16) and 2.2 (L = 64) times slower site-major (results/bench-cpu.json, ``other_layout``).
+#: dimension there (16 float64 lanes in inductor's AVX-512 loops); a batch of one ran 2.9
+#: (L = 16) and 1.7 (L = 64) times slower site-major (results/bench-cpu.json, ``other_layout``).
 SITE_MAJOR_MIN_BATCH = 16
 
 
 def default_layout(device, B: int) -> str:
     """The compiled HMC trajectory's layout for B chains on ``device``: site-major on a CPU
     for B >= :data:`SITE_MAJOR_MIN_BATCH` (measured in the bench, ``other_layout``: the
-    batch-major step at B = 64 ... 1024 took 1.30 to 1.46 times as long), batch-major
+    batch-major step at B = 64 ... 1024 took 1.13 to 1.41 times as long), batch-major
     elsewhere (a GPU reads the rolls of a [B, L0, L1] batch coalesced, and the
     transpositions would be two more passes; not measured, no GPU was lent).  The layouts
     give the same numbers bit for bit, so the choice, which depends on the replicas per
@@ -719,7 +719,7 @@ class StencilFlow:
             # g_s and g_t gathered as one [H, 2, N] array: stacked, inductor stores them
             # once instead of recomputing them at each of the n gathered neighbours
             # (the bench's compiled flowed force at L = 16, B = 64: 257 us in results/bench-cpu.json
-            # at 052aeac, 199-200 us with both stackings)
+            # at 052aeac, 192-200 us with both stackings)
             g = torch.stack((g_s, g_t), 1)
             f_A = f_A + (w * g[idxT]).sum((1, 2))
             f = self._join(f_A, e * f_B, p)

@@ -80,7 +80,11 @@ def choose_device(setting: str, comm: MPI.Comm) -> torch.device:
 
 
 def make_world(device: str = "auto", threads: int = 0, comm: MPI.Comm | None = None) -> World:
-    """The world of ``comm`` (default COMM_WORLD); threads = 0 takes $OMP_NUM_THREADS or 1."""
+    """The world of ``comm`` (default COMM_WORLD); threads = 0 takes $OMP_NUM_THREADS or 1.
+    Tunes the C allocator (:func:`hpcflow.allocator.tune`)."""
+    from .allocator import tune
+
+    tune()
     comm = MPI.COMM_WORLD if comm is None else comm
     if threads == 0:
         env = os.environ.get("OMP_NUM_THREADS", "")

@@ -20,8 +20,8 @@ A production's chains draw from one of two generators (``[run] rng``, :data:`GEN
   chains' device, normals by Box-Muller (:class:`PhiloxStreams`).  A replica's stream is
   keyed by the same SeedSequence; its state is one 64-bit block counter.  On a GPU the
   momenta then never cross the bus.  On the development CPU (results/bench-cpu.json,
-  ``compiled.philox``) compiled Philox took 8.1-9.6 ns per normal against PCG64's
-  10.8-14.8 at B >= 64 chains, but 104 ns at B = 1 (call overhead); eager it is slower.
+  ``compiled.philox``) compiled Philox took 9.5-11.1 ns per normal against PCG64's
+  10.6-14.6 at B >= 64 chains, but 105 ns at B = 1 (call overhead); eager it is slower.
 
 ``replica_block`` is the layout of replicas over ranks (DESIGN.md section 3): rank r of
 ``size`` owns a contiguous block, the first n % size ranks one replica more.
