@@ -267,3 +267,12 @@ def test_allocator_default_section(tmp_path):
     cells = {(c["L"], c["B"]): c for c in a["cells"]}
     assert a["per_replica_over_B64"]["4"]["tuned"] == pytest.approx(
         cells[4, 64]["tuned_seconds_per_replica"] / cells[4, 80]["tuned_seconds_per_replica"])
+
+
+def test_allocator_default_skips_off_the_host(tmp_path):
+    """On a GPU the section is skipped with its reason (no child benches on device time)."""
+    import argparse
+
+    args = argparse.Namespace(device="cuda", batches=[64, 1024], Ls=[64])
+    assert bench.bench_allocator_default(args, tmp_path) == {
+        "skipped": "--device cuda: the C allocator holds the host's tensors only"}

@@ -43,9 +43,9 @@ step() {  # step NAME SECONDS COMMAND...: run it under a timeout, its output to 
 
 step bench 270 "$py" -m hpcflow.bench --device cuda --Ls 64 --batches 64,1024,4096,16384 \
     --no-variants --no-reference --no-memory --no-scaling --no-fhmc --no-production \
-    --min-seconds 0.2 --out "$out/bench-gpu.json"
+    --no-allocator --min-seconds 0.2 --out "$out/bench-gpu.json"
 step bench-more 180 "$py" -m hpcflow.bench --device cuda --Ls 16 --batches 1024 \
-    --no-variants --no-reference --no-memory --no-scaling --fhmc-batch 1024 \
+    --no-variants --no-reference --no-memory --no-scaling --no-allocator --fhmc-batch 1024 \
     --production-L 64 --production-replicas 4096 --production-trajectories 100 \
     --production-repeat 1 --scaling-timeout 100 --min-seconds 0.2 --out "$out/bench-gpu-more.json"
 step tests-gpu 80 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/test_flow.py \

@@ -908,6 +908,8 @@ def bench_allocator_default(args, tmp: Path) -> dict:
     seconds per replica for both and their ratio; per L: B_max / B = 64 per replica, as the
     targets compute it."""
     B_max = max(args.batches)
+    if args.device != "cpu":
+        return {"skipped": f"--device {args.device}: the C allocator holds the host's tensors only"}
     if 64 not in args.batches or B_max <= 64:
         return {"skipped": "needs B = 64 and a larger B in --batches"}
     argv = [sys.executable, "-m", "hpcflow.bench", "--Ls", ",".join(map(str, args.Ls)),
