@@ -12,7 +12,7 @@ PROBE = ("import json; from hpcflow import allocator; "
          "print(json.dumps([allocator.tune(), allocator.tune() is allocator.tune()]))")
 
 
-def probe(env_extra, monkeypatch):
+def probe(env_extra):
     import os
 
     env = {k: v for k, v in os.environ.items()
@@ -22,10 +22,10 @@ def probe(env_extra, monkeypatch):
     return json.loads(p.stdout)
 
 
-def test_glibc_gets_the_settings_once(monkeypatch):
+def test_glibc_gets_the_settings_once():
     import platform
 
-    state, same = probe({}, monkeypatch)
+    state, same = probe({})
     assert same  # once per process: the second call returns the first result
     if platform.libc_ver()[0] != "glibc":
         assert "skipped" in state
@@ -39,8 +39,8 @@ def test_glibc_gets_the_settings_once(monkeypatch):
     ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, "MALLOC_TRIM_THRESHOLD_ is set"),
     ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}, "GLIBC_TUNABLES is set"),
 ])
-def test_the_users_choice_is_left_alone(env, reason, monkeypatch):
-    state, _ = probe(env, monkeypatch)
+def test_the_users_choice_is_left_alone(env, reason):
+    state, _ = probe(env)
     assert state == {"skipped": reason}
 
 
