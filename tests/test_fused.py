@@ -100,9 +100,13 @@ def test_compiled_once_per_shape(flowed_action):
     assert called and all(g.dynamo_calls == 1 for g in fn.graphs if g.dynamo_calls)
     calls = [g.dynamo_calls + g.direct_calls for g in called]
     # 4 trajectories (the example's and 3); FHMC: 4 forces each (leapfrog of 3 steps), a
-    # kick graph and a drift-kick graph; HMC: each of its graphs once a trajectory
-    assert calls == ([4, 12] if flowed_action else [4] * len(called)), \
+    # kick-drift graph for 3, a kick-action graph for the last, then the change to halves
+    # and the Metropolis test once a trajectory; HMC: each of its graphs once a trajectory
+    assert calls == ([12, 4, 4, 4] if flowed_action else [4] * len(called)), \
         [(g.dynamo_calls, g.direct_calls) for g in fn.graphs]
+    if flowed_action:  # the force graphs with FLOW_INDUCTOR, the others with the base settings
+        flow = {**fused.GRAPH_INDUCTOR, **fused.FLOW_INDUCTOR}
+        assert [g.inductor for g in fn.graphs] == [flow, flow] + [fused.GRAPH_INDUCTOR] * 2
 
 
 def _scaled_sum(x, y):
@@ -225,9 +229,9 @@ def test_layouts_are_bit_identical(B_, L_, integrator):
 @pytest.mark.parametrize("layout", fused.LAYOUTS)
 def test_md_inductor_settings_reach_the_md_graph_and_change_no_number(layout, monkeypatch):
     """The MD graph is compiled with fused.MD_INDUCTOR (seen by inductor's compile_fx), the
-    other graphs with inductor's defaults; the trajectory and the fused step equal those
-    compiled at inductor's defaults bit for bit (stored or recomputed, a drift is the same
-    operations)."""
+    other graphs with inductor's defaults (every graph over fused.GRAPH_INDUCTOR); the
+    trajectory and the fused step equal those compiled at inductor's defaults bit for bit
+    (stored or recomputed, a drift is the same operations)."""
     import torch._inductor.compile_fx as cfx
 
     seen = []
@@ -251,14 +255,16 @@ def test_md_inductor_settings_reach_the_md_graph_and_change_no_number(layout, mo
             fn = fused.compile_trajectory(TARGET, INTEGRATORS["omf2"], 1.0, 5, (phi, pi),
                                           layout=layout, chunk_sites=0, inductor=inductor)
             md = fn.graphs[1 if layout == "site-major" else 0]
-            assert md.inductor == (fused.MD_INDUCTOR if inductor is None else {})
-            assert all(g.inductor == {} for g in fn.graphs if g is not md)
+            assert md.inductor == {**fused.GRAPH_INDUCTOR,
+                                   **(fused.MD_INDUCTOR if inductor is None else {})}
+            assert all(g.inductor == fused.GRAPH_INDUCTOR for g in fn.graphs if g is not md)
             out.append((fn(phi, pi), fn.step(phi, S, pi, log_u)))
     except fused.CompileUnavailable as err:
         pytest.skip(f"torch.compile unavailable here: {err}")
     # compile_fx applies its patches and calls itself: inductor then sees the setting
     assert [t for _, t in seen].count(1) == 1      # the first trajectory's MD graph only
-    assert [p for p, _ in seen].count(fused.MD_INDUCTOR) == 1
+    assert [p for p, _ in seen].count({**fused.GRAPH_INDUCTOR, **fused.MD_INDUCTOR}) == 1
+    assert all(p is not None and p["size_asserts"] is False for p, _ in seen if p)
     for a, b in zip(*out):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -386,12 +392,14 @@ def test_stencil_flow_is_the_frozen_flow(L_, k, layers):
     st = fused.StencilFlow(TARGET, act.flow, "cpu")
     z = 0.8 * torch.randn(3, L_, L_, generator=torch.Generator().manual_seed(1),
                           dtype=torch.float64)
-    zs = st.site_major(z)
+    zs = st.halves(z)
     assert torch.equal(st.lattice(zs), z)
-    F, S = st.force_and_action(zs)
+    *F, S = st.force_and_action(*zs)
     torch.testing.assert_close(st.lattice(F), act.force(z), rtol=0, atol=1e-12)
     torch.testing.assert_close(st.lattice(F), act.force_autograd(z), rtol=0, atol=1e-12)
     torch.testing.assert_close(S, act.action(z), rtol=1e-12, atol=0)
+    torch.testing.assert_close(st.lattice(st.force(zs)), act.force(z), rtol=0, atol=1e-12)
+    torch.testing.assert_close(st.action(zs), act.action(z), rtol=1e-12, atol=0)
     phi, logdet, _ = st.generate(zs, False)
     phi_ref, logdet_ref = act.flow.inverse(z)
     torch.testing.assert_close(st.lattice(phi), phi_ref, rtol=0, atol=1e-12)
@@ -432,7 +440,7 @@ def test_compiled_flowed_force_equals_eager(compiled_flowed):
     act, fn = compiled_flowed
     z = 0.8 * torch.randn(B, L, L, generator=torch.Generator().manual_seed(2),
                           dtype=torch.float64)
-    F, S = fn.force_and_action(fn.stencil.site_major(z))
+    *F, S = fn.force_and_action(*fn.stencil.halves(z))
     torch.testing.assert_close(fn.stencil.lattice(F), act.force(z), rtol=0, atol=1e-12)
     torch.testing.assert_close(S, act.action(z), rtol=1e-12, atol=0)
 
@@ -447,6 +455,31 @@ def test_compiled_fhmc_chain_equals_eager(compiled_flowed):
     assert 0 < acc_eager.float().mean() < 1
     assert torch.equal(acc_fused, acc_eager)
     torch.testing.assert_close(z_fused, z_eager, rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_fhmc_replicas_do_not_depend_on_the_batch():
+    """A replica's compiled FHMC step (halves, kick-drifts, the Metropolis test) is the same
+    bit for bit in batches of 16, 13 and 5 replicas (a batch's size is the replicas per
+    rank; 13 and 5 end in a partial SIMD vector): chains do not depend on the rank count."""
+    act = flowed(6, seed=4)
+    streams = ReplicaStreams(3, range(16), "batch-independent")
+    z, pi = 0.5 * streams.normal((6, 6), "cpu"), streams.normal((6, 6), "cpu")
+    S = act.action(z)
+    # half the replicas 0.3 below their eager -dH (accepted), half 0.3 above (rejected)
+    dH = fused.eager_step(act, INTEGRATORS["leapfrog"], 1.0, 3)(z, S, pi, torch.zeros(16))[2]
+    log_u = -dH + 0.3 * torch.tensor([1.0, -1.0] * 8, dtype=torch.float64)
+    outs = {}
+    try:
+        for n in (16, 13, 5):
+            fused.new_job()
+            fn = fused.compile_trajectory(act, INTEGRATORS["leapfrog"], 1.0, 3, (z[:n], pi[:n]))
+            outs[n] = fn.step(z[:n], S[:n], pi[:n], log_u[:n])
+    except fused.CompileUnavailable as err:
+        pytest.skip(f"torch.compile unavailable here: {err}")
+    assert outs[16][3].tolist() == [False, True] * 8
+    for n in (13, 5):
+        assert all(torch.equal(a[:n], b) for a, b in zip(outs[16], outs[n]))
 
 
 @pytest.mark.slow

@@ -57,8 +57,11 @@ block), so the ratios within a cell compare blocks measured seconds apart.
     trajectory (the full hmc_step) and per force of each path, and the ratios FHMC / HMC
     (eager / eager, and best / best: each algorithm's fastest path).  The compiled FHMC path
     is :mod:`hpcflow.fused`'s (the flowed force and action of :class:`~hpcflow.fused.StencilFlow`
-    as one compiled graph, the one ``[run] compile`` selects); its force is timed as a
-    trajectory calls it, on site-major fields, the action included.
+    on its checkerboard halves, the one ``[run] compile`` selects); ``force_seconds``: its
+    force and action (one graph, the last of a trajectory); ``kick_drift_seconds``: the
+    graph of every other force, kick and drift included; ``inductor_default``: the force
+    and action compiled at inductor's defaults instead of ``fused.FLOW_INDUCTOR``, same
+    rounds, and ``force_speedup_of_flow_inductor``.
 ``memory``
     Bytes per replica at the largest B and L, two ways: ``state_bytes_per_replica``, from
     tensor sizes, what a chain keeps between trajectories (phi, pi: 2 L^2 float64, S: one);
@@ -343,7 +346,9 @@ def compile_for_shape(action, steps: int, example, chunk_sites: int | None = Non
         return None, {"unavailable": str(err)}
     return fn, {"compile_seconds": time.perf_counter() - t0, "graphs_before_timing": _graphs() - g0,
                 "layout": getattr(fn, "layout", None),
-                "md_inductor": fused.MD_INDUCTOR if inductor is None else inductor, "metropolis_fused": hasattr(fn, "step"),
+                "md_inductor": (inductor if inductor is not None else fused.FLOW_INDUCTOR
+                                if type(action).__name__ == "FlowedAction" else fused.MD_INDUCTOR),
+                "metropolis_fused": hasattr(fn, "step"),
                 "chunk_rows": getattr(fn, "rows", example[0].shape[0]), "_g0": g0}
 
 
@@ -632,23 +637,43 @@ def bench_fhmc(args, device) -> dict:
             add("hmc", "compiled", target, fn, _compiled_phi4_force(target))
         out["hmc"]["compiled"] = info
         # FHMC: the compiled flowed force and action (fused.StencilFlow), the force timed
-        # as a trajectory calls it (site-major fields); compiled next to HMC's (no reset)
+        # as a trajectory calls it (checkerboard halves); compiled next to HMC's (no reset)
         fn, info = compile_for_shape(flowed, args.steps, (phi0, pi0), reset=False)
         if fn is not None:
             info.pop("_g0")
-            zs = fn.stencil.site_major(phi0)
-            add("fhmc", "compiled", flowed, fn, lambda _: fn.force_and_action(zs))
+            zs, ps = fn.stencil.halves(phi0), fn.stencil.halves(pi0)
+            add("fhmc", "compiled", flowed, fn, lambda _: fn.force_and_action(*zs))
             info["wired"] = ("[run] compile = auto|on: FHMC productions use this path "
                              "(fused.compilable)" if fused.compilable(flowed) else "no")
+            # the graph a trajectory calls for every force but the last
+            kick_drift = fn.graphs[0]
+            # (two tensors: one passed twice would keep the graph with dynamo)
+            a, b = (torch.tensor(x, dtype=phi0.dtype, device=phi0.device) for x in (0.1, 0.05))
+            fns[("fhmc", "compiled", "kick_drift_seconds")] = lambda: kick_drift(*zs, *ps, a, b)
+            # the same force compiled at inductor's defaults, same rounds
+            t0 = time.perf_counter()
+            dflt = fused.compile_graph(fn.stencil.force_and_action, {})
+            dflt(*zs)
+            info["inductor_default"] = {"compile_seconds": time.perf_counter() - t0}
+            fns[("fhmc", "inductor_default", "force_seconds")] = lambda: dflt(*zs)
             steps = len(fn.stencil.steps)
             floor = fused.compile_graph(lambda z: flow_transcendentals(z, steps))
-            fns[("fhmc", "transcendentals", "force_seconds")] = lambda: floor(zs)
+            zv = torch.cat(zs)
+            fns[("fhmc", "transcendentals", "force_seconds")] = lambda: floor(zv)
             out["fhmc"]["transcendentals"] = {"coupling_steps": steps,
                                               "per_updated_site": "3 exp, 2 divisions"}
         out["fhmc"]["compiled"] = info
     for (algorithm, path, what), sec in seconds_together(fns, device, args.min_seconds,
                                                          args.repeat).items():
-        out[algorithm][path][what] = sec
+        if path == "inductor_default":
+            d = out["fhmc"]["compiled"]["inductor_default"]
+            d["force_seconds"] = sec
+        else:
+            out[algorithm][path][what] = sec
+    if "inductor_default" in out["fhmc"].get("compiled", {}):
+        d = out["fhmc"]["compiled"]["inductor_default"]
+        d["force_speedup_of_flow_inductor"] = (d["force_seconds"]
+                                               / out["fhmc"]["compiled"]["force_seconds"])
     paths = {a: {p: v for p, v in out[a].items() if "trajectory_seconds" in v}
              for a in ("hmc", "fhmc")}
     best = {a: min(paths[a], key=lambda p: paths[a][p]["trajectory_seconds"]) for a in paths}

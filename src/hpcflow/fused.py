@@ -31,17 +31,18 @@ compiler and on CUDA with Triton, from the same source):
   eager / fused step seconds were 1.05 to 1.18 site-major (B = 64 ... 1024) and 1.30, 1.14
   batch-major (B = 1).  ``metropolis=False`` leaves the test eager.
 - FHMC (:class:`~hpcflow.action.FlowedAction` over a Phi4Action, with a flow of the paper's
-  family without hidden channels, e.g. the minimal model): the flowed force *and* action,
-  F~(z) and S~(z) from one pass of the generator, are one compiled graph
-  (:meth:`StencilFlow.force_and_action`), with the drift before and the momentum kick after
-  it (:meth:`StencilFlow.drift_kick`), one compiled call per force of the integrator's
-  schedule (:meth:`hpcflow.hmc.Integrator.schedule`);
-  the fields stay in the site-major checkerboard layout for the whole trajectory, and S~ at
-  the end point comes from the last force evaluation (which every integrator here makes at
-  the end point).  The frozen evaluator's sparse matrices are not traceable by inductor, so
+  family without hidden channels, e.g. the minimal model): the flowed force F~(z) with the
+  momentum kick before and the drift after it (:meth:`StencilFlow.kick_drift`) is one
+  compiled graph, called once per force of the integrator's schedule
+  (:meth:`hpcflow.hmc.Integrator.schedule`) but the last, which is the kick with F~ and
+  S~ from one pass of the generator (:meth:`StencilFlow.kick_action`).  The fields stay
+  in the checkerboard halves for the whole trajectory, and S~ is computed once, at the
+  end point.  The frozen evaluator's sparse matrices are not traceable by inductor, so
   :class:`StencilFlow` writes the same formulas with gathers (k^2 / 2 per site, the nonzeros
-  of the sparse rows).  Compiling one force, not the unrolled trajectory of 11 of them,
-  keeps the compilation to one small graph (tens of seconds, not minutes).
+  of the sparse rows), compiled with :data:`FLOW_INDUCTOR`.  Compiling one force, not the
+  unrolled trajectory of 11 of them, keeps the compilation to small graphs (an unrolled
+  graph of 2 or 5 kick-drifts, tried once, was no faster per force and compiled 2 to 4
+  times longer).
 
 The compiled functions give the eager numbers up to rounding (HMC: the same operations in
 the same order, phi and pi bit-identical on CPU, S and dH to a few 1e-14 (inductor sums in
@@ -165,6 +166,15 @@ def end_parts(action):
     return end_action, end_step
 
 
+#: Inductor settings of every :class:`CompiledGraph`, under its own: no shape and stride
+#: assertions on the graph's inputs in the Python wrapper of each call (``size_asserts``):
+#: a graph is called directly only with the signature it was compiled for
+#: (:func:`_signature`: shapes and strides included), and through dynamo, whose guards
+#: check them, otherwise.  They cost about 10 us a call of a graph with 14 inputs (an FHMC
+#: kick-drift) on the 2-core development machine (exploratory, 56 -> 46 us at B = 1).
+GRAPH_INDUCTOR = {"size_asserts": False}
+
+
 def _signature(args) -> tuple:
     """What a compiled graph is specialised on, per argument: a tensor's shape, strides,
     dtype, device and requires_grad; any other value itself (dynamo specialises on it)."""
@@ -201,11 +211,11 @@ class CompiledGraph:
 
     ``inductor``: settings of ``torch._inductor.config`` for this graph's compilation only
     (``compile_fx``'s ``config_patches``; inductor's disk cache keys on them), e.g.
-    :data:`MD_INDUCTOR`."""
+    :data:`MD_INDUCTOR`, over :data:`GRAPH_INDUCTOR`."""
 
     def __init__(self, fn: Callable, inductor: dict | None = None):
         self.fn = fn
-        self.inductor = dict(inductor or {})
+        self.inductor = {**GRAPH_INDUCTOR, **(inductor or {})}
         self._dynamo = torch.compile(fn, dynamic=False, fullgraph=True, backend=self._backend)
         self._compiled: list = []
         self._direct: dict = {}
@@ -224,30 +234,35 @@ class CompiledGraph:
         return [args[i] if i >= 0 else bound[-1 - i] for i in plan]
 
     def __call__(self, *args):
-        with torch.no_grad():
-            signature = _signature(args)
-            direct = self._direct.get(signature)
-            if direct is not None:
-                graph, plan, bound, single = direct
-                self.direct_calls += 1
-                out = graph(*self._inputs(plan, args, bound))
-                return out[0] if single else tuple(out)
-            self._compiled.clear()
-            self.dynamo_calls += 1
-            out = self._dynamo(*args)
-            if not self._compiled and signature not in self._tried:
-                # dynamo caches per code object: another CompiledGraph of the same code (or
-                # a torch.compile of it) served this call from its own graph, which this
-                # one cannot call directly; drop that entry and compile this one's
-                from torch._dynamo.eval_frame import reset_code
+        if torch.is_grad_enabled():  # (entering no_grad costs a few us a call; a
+            with torch.no_grad():    # trajectory of 13 calls already runs without grad)
+                return self._call(args)
+        return self._call(args)
 
-                reset_code(getattr(self.fn, "__func__", self.fn).__code__)
-                out = self._dynamo(*args)
-            self._tried.add(signature)
-            if len(self._compiled) == 1:
-                self._adopt(signature, args, out, *self._compiled[0])
-            self._compiled.clear()
-            return out
+    def _call(self, args):
+        signature = _signature(args)
+        direct = self._direct.get(signature)
+        if direct is not None:
+            graph, plan, bound, single = direct
+            self.direct_calls += 1
+            out = graph(*self._inputs(plan, args, bound))
+            return out[0] if single else tuple(out)
+        self._compiled.clear()
+        self.dynamo_calls += 1
+        out = self._dynamo(*args)
+        if not self._compiled and signature not in self._tried:
+            # dynamo caches per code object: another CompiledGraph of the same code (or
+            # a torch.compile of it) served this call from its own graph, which this
+            # one cannot call directly; drop that entry and compile this one's
+            from torch._dynamo.eval_frame import reset_code
+
+            reset_code(getattr(self.fn, "__func__", self.fn).__code__)
+            out = self._dynamo(*args)
+        self._tried.add(signature)
+        if len(self._compiled) == 1:
+            self._adopt(signature, args, out, *self._compiled[0])
+        self._compiled.clear()
+        return out
 
     def _adopt(self, signature, args, out, graph, example_inputs) -> None:
         """Call ``graph`` directly for ``signature`` from now on, if that gives ``out``."""
@@ -286,7 +301,7 @@ def compile_graph(fn: Callable, inductor: dict | None = None) -> CompiledGraph:
 #: the MD steps (the L = 16, B = 64 trajectory graph loaded 126 vectors in 13 loops, against
 #: 66 in 11 with 1).  At 1 every value with several users that reads more than one buffer
 #: is stored once, as the C loop does.  The same operations, so the same numbers bit for
-#: bit (tested).  The FHMC graphs keep inductor's default: at 1 their force took longer.
+#: bit (tested).  The FHMC graphs have their own settings, :data:`FLOW_INDUCTOR`.
 #: Measured by the bench, ``inductor_default`` (results/bench-cpu.json): the trajectory
 #: 1.14 to 1.28 times faster with this setting at L = 64 or B >= 64 (1.02 at L = 16, B = 1).
 MD_INDUCTOR = {"realize_reads_threshold": 1}
@@ -329,35 +344,70 @@ def hmc_trajectory(action, integrator, length: float, n_steps: int, layout: str,
     return trajectory
 
 
+#: Inductor settings of the compiled FHMC graphs (:class:`StencilFlow`): every value with
+#: several users that reads more than one buffer is stored once (as :data:`MD_INDUCTOR`;
+#: without it the tanh of s and t was recomputed in three loops), and the gathers are
+#: compiled without per-row bounds checks (``assert_indirect_indexing``; StencilFlow
+#: checks its tables once when it builds them).  Measured in the bench
+#: (results/bench-cpu.json, ``fhmc.compiled.inductor_default``).
+FLOW_INDUCTOR = {"realize_reads_threshold": 1, "assert_indirect_indexing": False}
+
+
 def stencil_trajectory(stencil: "StencilFlow", integrator, length: float, n_steps: int,
-                       compiled: bool = False) -> Callable:
+                       compiled: bool = False, inductor: dict | None = None) -> Callable:
     """(z, pi) -> (z', pi', S~(z')) of ``integrator`` over the flowed action of ``stencil``:
-    the layout changes once each way, and the integrator's schedule
-    (:meth:`hpcflow.hmc.Integrator.schedule`) runs on site-major fields as one
-    :meth:`StencilFlow.kick` and then one :meth:`StencilFlow.drift_kick` per force, each a
-    single graph with ``compiled`` (:func:`compile_graph`; the coefficients are 0-d tensor
-    arguments, so every drift-kick of the trajectory is one compiled graph); S~ at the end
-    point is the last evaluation's.  Its ``graphs``: the compiled ones (none eager)."""
+    the layout changes once each way (:meth:`StencilFlow.halves`), and the integrator's
+    schedule (:meth:`hpcflow.hmc.Integrator.schedule`: a kick, then drift and kick pairs)
+    runs on the halves regrouped as kick-then-drift pairs, one :meth:`StencilFlow.kick_drift`
+    per force but the last, which is :meth:`StencilFlow.kick_action` (the kick and S~ at
+    the end point).  The same operations in the same order as the integrator's.  With
+    ``compiled`` each is one graph (:func:`compile_graph`, inductor settings ``inductor``,
+    None: :data:`FLOW_INDUCTOR`; the coefficients are 0-d tensor arguments, so every
+    kick-drift of the trajectory is the same graph), the change to halves is one more, and
+    the trajectory carries ``step`` (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted),
+    with the Metropolis test (:func:`hpcflow.hmc.metropolis`) compiled too, what
+    :func:`hpcflow.hmc.hmc_step` calls (always compiled when the force is, so dH is
+    computed alike whatever the replicas per rank).  Its ``graphs``: the compiled ones."""
     schedule = integrator.schedule(length / n_steps, n_steps)
-    kick = compile_graph(stencil.kick) if compiled else stencil.kick
-    drift_kick = compile_graph(stencil.drift_kick) if compiled else stencil.drift_kick
+    if schedule[0][0] is not None or any(d is None for d, _ in schedule[1:]):
+        raise ValueError("a schedule starts with a kick and then alternates drifts and kicks")
+    # (a_0, b_1), (a_1, b_2), ..., (a_{n-1}, b_n): kick, then drift; a_n: the last kick
+    pairs = [(schedule[i][1], schedule[i + 1][0]) for i in range(len(schedule) - 1)]
+    last = schedule[-1][1]
+    settings = FLOW_INDUCTOR if inductor is None else inductor
+    kick_drift = compile_graph(stencil.kick_drift, settings) if compiled else stencil.kick_drift
+    kick_action = (compile_graph(stencil.kick_action, settings) if compiled
+                   else stencil.kick_action)
+    both_halves = compile_graph(stencil.both_halves) if compiled else stencil.both_halves
     coefficients = {}
 
     def trajectory(z, pi):
-        zs, ps = stencil.site_major(z), stencil.site_major(pi)
-        if compiled and zs.device not in coefficients:
-            coefficients[zs.device] = [
-                (None if d is None else torch.tensor(d, dtype=zs.dtype, device=zs.device),
-                 torch.tensor(k, dtype=zs.dtype, device=zs.device)) for d, k in schedule]
-        S = None
-        for drift, a in coefficients[zs.device] if compiled else schedule:
-            if drift is None:
-                ps, S = kick(zs, ps, a)
-            else:
-                zs, ps, S = drift_kick(zs, ps, drift, a)
-        return stencil.lattice(zs), stencil.lattice(ps), S
+        z_0, z_1, p_0, p_1 = both_halves(z, pi)
+        if not compiled:
+            steps, a_n = pairs, last
+        else:
+            if z_0.device not in coefficients:
+                def c(x):
+                    return torch.tensor(x, dtype=z_0.dtype, device=z_0.device)
+                coefficients[z_0.device] = [(c(a), c(b)) for a, b in pairs], c(last)
+            steps, a_n = coefficients[z_0.device]
+        for a, b in steps:
+            z_0, z_1, p_0, p_1 = kick_drift(z_0, z_1, p_0, p_1, a, b)
+        p_0, p_1, S = kick_action(z_0, z_1, p_0, p_1, a_n)
+        # back eagerly (inductor's code for this gather ran 2.8 times longer than eager's),
+        # to contiguous tensors: the graphs were compiled for the example's strides
+        return (stencil.lattice((z_0, z_1)).contiguous(),
+                stencil.lattice((p_0, p_1)).contiguous(), S)
 
-    trajectory.graphs = [kick, drift_kick] if compiled else []
+    trajectory.graphs = [kick_drift, kick_action, both_halves] if compiled else []
+    if compiled:
+        test = compile_graph(metropolis)
+
+        def step(phi, S, pi, log_u):
+            return test(phi, S, pi, *trajectory(phi, pi), log_u)
+
+        trajectory.step = step
+        trajectory.graphs.append(test)
     return trajectory
 
 
@@ -503,11 +553,15 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
             raise CompileUnavailable(f"FlowedAction is not fused: {reason}")
         device = example[0].device if example is not None else "cpu"
         stencil = StencilFlow(action.target, action.flow, device)
-        trajectory = stencil_trajectory(stencil, integrator, length, n_steps, compiled=True)
+        trajectory = stencil_trajectory(stencil, integrator, length, n_steps, compiled=True,
+                                        inductor=inductor)
         fn = _without_grad(trajectory)
         fn.graphs = trajectory.graphs
+        fn.step = _without_grad(trajectory.step)
         # the force alone, as one graph, for the bench's force timing (compiled at its first call)
-        fn.stencil, fn.force_and_action = stencil, compile_graph(stencil.force_and_action)
+        fn.stencil = stencil
+        fn.force_and_action = compile_graph(stencil.force_and_action,
+                                            FLOW_INDUCTOR if inductor is None else inductor)
     elif compilable(action):
         if example is not None:
             layout = layout or default_layout(example[0].device, example[0].shape[0])
@@ -526,7 +580,7 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
                 fn.graphs = graphs
                 step = chunked(step, rows) if step is not None else None
         if step is not None:
-            fn.step = step
+            fn.step = _without_grad(step)  # one no_grad a step, not one a graph
         fn.layout = layout
     else:
         raise CompileUnavailable(f"{type(action).__name__} is not fused (only Phi4Action and "
@@ -618,12 +672,17 @@ class StencilFlow:
     per step y_B = e x_B + t, e = exp(-|s|), s = tanh(sum_j ws_j x_A[idx_j]), t likewise;
     pullback f_x,B = e f_y,B, f_x,A = f_y,A + sum_j (ws_j g_s + wt_j g_t)[idxT_j] with
     g_s = -sgn(s) (e x_B f_y,B + 1)(1 - s^2), g_t = f_y,B (1 - t^2); the global scale
-    phi = exp(lambda) y.  Fields are site-major [V, N] in checkerboard order (rows 0..H-1:
-    parity 0), so the batch index is the contiguous one: a gather reads whole rows and the
-    loops over the batch vectorise.  Every operation is elementwise or a gather, so inductor
-    fuses a force (generator, target force, pullback) into a few loops without temporaries
-    in memory.
+    phi = exp(lambda) y.  A field is held as its two checkerboard *halves* (:meth:`halves`),
+    each site-major [H, N] (H = V/2 rows of the parity, in row-major site order; the batch
+    index is the contiguous one, so a gather reads whole rows and the loops over the batch
+    vectorise).  A coupling step reads one half and writes the other, and every nearest
+    neighbour of a site is in the other half, so no graph joins or splits a [V, N] array
+    (a join is a copy pass).  Every operation is elementwise or a gather, so inductor fuses
+    a force (generator, target force, pullback) into a few loops; :data:`FLOW_INDUCTOR`
+    makes it store each value that several loops read instead of recomputing it.
 
+    The compiled entry points take and return flat tensors (halves as two arguments):
+    :meth:`force_and_action`, :meth:`kick_drift`, :meth:`kick_action`.
     ``target`` is a :class:`~hpcflow.action.Phi4Action`; its force and action are written
     with neighbour tables on the same layout."""
 
@@ -638,6 +697,7 @@ class StencilFlow:
             raise CompileUnavailable(f"{type(flow).__name__} is not a Flow with couplings")
         L = flow.L
         self.L, self.V, self.H = L, L * L, L * L // 2
+        H = self.H
         self.beta, self.lam = target.beta, target.lam
         self.log_scale = float(flow.scale.log_scale.detach())
         self.scale = float(torch.exp(torch.tensor(self.log_scale, dtype=torch.float64)))
@@ -652,47 +712,60 @@ class StencilFlow:
             w = torch.stack((ws, wt), 1).to(device, torch.float64)[None, :, :, None]
             self.steps.append((p, idx.to(device), idxT.to(device), w))
         # neighbours of every row: x -+ e_1 (within a lattice row), x -+ e_0, in the order of
-        # Phi4Action.force's neighbour_sum (roll +1, -1 along x1, then along x0)
+        # Phi4Action.force's neighbour_sum (roll +1, -1 along x1, then along x0); those of
+        # the rows of parity q are rows of parity 1 - q: nb[q] indexes that half
         x0, x1 = order // L, order % L
         nb = torch.stack([pos[x0 * L + (x1 - 1) % L], pos[x0 * L + (x1 + 1) % L],
                           pos[((x0 - 1) % L) * L + x1], pos[((x0 + 1) % L) * L + x1]], 1)
-        self.nb = nb.to(device)
+        self.nb = [nb[:H] - H, nb[H:]]
+        # FLOW_INDUCTOR compiles the gathers without bounds checks: check the tables here
+        for table in self.nb + [t for _, idx, idxT, _ in self.steps for t in (idx, idxT)]:
+            if not bool(((table >= 0) & (table < H)).all()):
+                raise AssertionError("a StencilFlow gather table leaves its half")
+        self.nb = [t.to(device) for t in self.nb]
 
     # layouts
-    def site_major(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, L] -> [V, B] in checkerboard row order."""
-        return x.reshape(x.shape[0], -1).t().index_select(0, self.order)
+    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L, L] -> (x_0, x_1): the checkerboard halves, [H, B] each, contiguous."""
+        rows = x.reshape(x.shape[0], -1).t().index_select(0, self.order)
+        return rows[:self.H], rows[self.H:]
 
-    def lattice(self, y: torch.Tensor) -> torch.Tensor:
-        """[V, B] -> [B, L, L]."""
-        return y.index_select(0, self.pos).t().reshape(-1, self.L, self.L)
+    def both_halves(self, z: torch.Tensor, pi: torch.Tensor):
+        """(z_0, z_1, pi_0, pi_1): :meth:`halves` of z and pi, one graph when compiled."""
+        return (*self.halves(z), *self.halves(pi))
 
-    # the target on site-major fields
-    def target_force(self, phi: torch.Tensor) -> torch.Tensor:
-        nb = self.nb
-        nsum = ((phi[nb[:, 0]] + phi[nb[:, 1]]) + phi[nb[:, 2]]) + phi[nb[:, 3]]
-        return self.beta * nsum - 2.0 * phi - (4.0 * self.lam) * phi * (phi * phi - 1.0)
+    def lattice(self, h) -> torch.Tensor:
+        """(x_0, x_1) -> [B, L, L]."""
+        return torch.cat(tuple(h)).index_select(0, self.pos).t().reshape(-1, self.L, self.L)
 
-    def target_action(self, phi: torch.Tensor) -> torch.Tensor:
-        forward = phi[self.nb[:, 1]] + phi[self.nb[:, 3]]
-        phi2 = phi * phi
-        return (-self.beta * phi * forward + phi2 + self.lam * (phi2 - 1.0) ** 2).sum(0)
+    # the target on checkerboard halves
+    def target_force(self, phi):
+        out = []
+        for q in (0, 1):
+            x, y, nb = phi[q], phi[1 - q], self.nb[q]
+            nsum = ((y[nb[:, 0]] + y[nb[:, 1]]) + y[nb[:, 2]]) + y[nb[:, 3]]
+            out.append(self.beta * nsum - 2.0 * x - (4.0 * self.lam) * x * (x * x - 1.0))
+        return out
+
+    def target_action(self, phi) -> torch.Tensor:
+        S = None
+        for q in (0, 1):
+            x, y, nb = phi[q], phi[1 - q], self.nb[q]
+            forward = y[nb[:, 1]] + y[nb[:, 3]]
+            x2 = x * x
+            d = (-self.beta * x * forward + x2 + self.lam * (x2 - 1.0) ** 2).sum(0)
+            S = d if S is None else S + d
+        return S
 
     # the flow
-    def _halves(self, y, p):
-        H = self.H
-        return (y[:H], y[H:]) if p == 0 else (y[H:], y[:H])  # (A, B)
-
-    def _join(self, A, B, p):
-        return torch.cat((A, B) if p == 0 else (B, A), 0)
-
-    def generate(self, z: torch.Tensor, keep: bool):
-        """z [V, N] -> (phi, log|det dg/dz| [N], saved values for the pullback)."""
-        y = z
+    def generate(self, z, keep: bool):
+        """z = (z_0, z_1) -> (phi = (phi_0, phi_1), log|det dg/dz| [N], saved values for
+        the pullback)."""
+        y = list(z)
         logdet = None
         saved = []
         for p, idx, idxT, w in self.steps:
-            A, B = self._halves(y, p)
+            A, B = y[p], y[1 - p]
             G = A[idx]                                   # [H, n, N]
             # s and t as one [H, 2, N] array from one pass over the gathered rows
             st = _tanh((w * G[:, :, None]).sum(1))
@@ -701,54 +774,54 @@ class StencilFlow:
             e = torch.exp(-abs_s)
             if keep:
                 saved.append((e, s, t, B))
-            y = self._join(A, e * B + t, p)
+            y[1 - p] = e * B + t
             d = abs_s.sum(0)
             logdet = -d if logdet is None else logdet - d
         logdet = logdet + self.log_scale * self.V
-        return self.scale * y, logdet, saved
+        return [self.scale * y[0], self.scale * y[1]], logdet, saved
 
-    def pullback(self, F: torch.Tensor, saved) -> torch.Tensor:
-        """F = -dS/dphi [V, N] -> -dS~/dz, the formulas of the class docstring."""
-        f = self.scale * F
+    def pullback(self, F, saved):
+        """F = -dS/dphi (halves) -> -dS~/dz (halves), the formulas of the class docstring."""
+        f = [self.scale * F[0], self.scale * F[1]]
         for (p, idx, idxT, w), (e, s, t, x_B) in zip(reversed(self.steps), reversed(saved)):
-            f_A, f_B = self._halves(f, p)
+            f_A, f_B = f[p], f[1 - p]
             sgn = torch.where(s < 0, -1.0, 1.0)
             c0 = -sgn * (1.0 - s * s)
             g_s = (c0 * e * x_B) * f_B + c0
             g_t = (1.0 - t * t) * f_B
             # g_s and g_t gathered as one [H, 2, N] array: stacked, inductor stores them
             # once instead of recomputing them at each of the n gathered neighbours
-            # (the bench's compiled flowed force at L = 16, B = 64: 257 us in results/bench-cpu.json
-            # at 052aeac, 192-200 us with both stackings)
             g = torch.stack((g_s, g_t), 1)
-            f_A = f_A + (w * g[idxT]).sum((1, 2))
-            f = self._join(f_A, e * f_B, p)
+            f[p] = f_A + (w * g[idxT]).sum((1, 2))
+            f[1 - p] = e * f_B
         return f
 
-    def force(self, z: torch.Tensor) -> torch.Tensor:
-        """F~ = -dS~/dz on site-major fields."""
+    def force(self, z):
+        """F~ = -dS~/dz on halves."""
         phi, _, saved = self.generate(z, True)
         return self.pullback(self.target_force(phi), saved)
 
-    def action(self, z: torch.Tensor) -> torch.Tensor:
+    def action(self, z) -> torch.Tensor:
         """S~(z) = S(g(z)) - log|det dg/dz|, [N]."""
         phi, logdet, _ = self.generate(z, False)
         return self.target_action(phi) - logdet
 
-    def force_and_action(self, z: torch.Tensor):
-        """(F~(z), S~(z)) from one evaluation of the generator."""
-        phi, logdet, saved = self.generate(z, True)
-        return self.pullback(self.target_force(phi), saved), self.target_action(phi) - logdet
+    def force_and_action(self, z_0, z_1):
+        """(F~_0, F~_1, S~) at z = (z_0, z_1), from one evaluation of the generator."""
+        phi, logdet, saved = self.generate((z_0, z_1), True)
+        F = self.pullback(self.target_force(phi), saved)
+        return F[0], F[1], self.target_action(phi) - logdet
 
-    def kick(self, z: torch.Tensor, p: torch.Tensor, a):
-        """(p + a F~(z), S~(z)): a momentum kick of coefficient ``a`` and the flowed action
-        at z, from one evaluation of the generator (the first kick of a trajectory)."""
-        F, S = self.force_and_action(z)
-        return p + a * F, S
+    def kick_drift(self, z_0, z_1, p_0, p_1, a, b):
+        """A momentum kick p' = p + a F~(z) and then a drift z' = z + b p':
+        (z'_0, z'_1, p'_0, p'_1).  The drift comes after the force, so the force's gathers
+        read the graph's input z, never a drift recomputed in each of them."""
+        F = self.force((z_0, z_1))
+        p_0, p_1 = p_0 + a * F[0], p_1 + a * F[1]
+        return z_0 + b * p_0, z_1 + b * p_1, p_0, p_1
 
-    def drift_kick(self, z: torch.Tensor, p: torch.Tensor, b, a):
-        """A drift z' = z + b p and the :meth:`kick` at z': (z', p + a F~(z'), S~(z')), the
-        operations of :class:`hpcflow.hmc.Integrator` in its order."""
-        z = z + b * p
-        p, S = self.kick(z, p, a)
-        return z, p, S
+    def kick_action(self, z_0, z_1, p_0, p_1, a):
+        """The last kick of a trajectory and the flowed action at its end point:
+        (p_0 + a F~_0(z), p_1 + a F~_1(z), S~(z))."""
+        F_0, F_1, S = self.force_and_action(z_0, z_1)
+        return p_0 + a * F_0, p_1 + a * F_1, S
