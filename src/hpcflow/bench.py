@@ -346,8 +346,7 @@ def compile_for_shape(action, steps: int, example, chunk_sites: int | None = Non
         return None, {"unavailable": str(err)}
     return fn, {"compile_seconds": time.perf_counter() - t0, "graphs_before_timing": _graphs() - g0,
                 "layout": getattr(fn, "layout", None),
-                "md_inductor": (inductor if inductor is not None else fused.FLOW_INDUCTOR
-                                if type(action).__name__ == "FlowedAction" else fused.MD_INDUCTOR),
+                "md_inductor": fused.md_inductor(action) if inductor is None else inductor,
                 "metropolis_fused": hasattr(fn, "step"),
                 "chunk_rows": getattr(fn, "rows", example[0].shape[0]), "_g0": g0}
 

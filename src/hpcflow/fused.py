@@ -354,6 +354,12 @@ def hmc_trajectory(action, integrator, length: float, n_steps: int, layout: str,
 FLOW_INDUCTOR = {"realize_reads_threshold": 1, "assert_indirect_indexing": False}
 
 
+def md_inductor(action) -> dict:
+    """The inductor settings of ``action``'s compiled MD graphs: :data:`FLOW_INDUCTOR` for a
+    FlowedAction, :data:`MD_INDUCTOR` otherwise (what ``inductor=None`` means)."""
+    return FLOW_INDUCTOR if type(action) is FlowedAction else MD_INDUCTOR
+
+
 def stencil_trajectory(stencil: "StencilFlow", integrator, length: float, n_steps: int,
                        compiled: bool = False, inductor: dict | None = None) -> Callable:
     """(z, pi) -> (z', pi', S~(z')) of ``integrator`` over the flowed action of ``stencil``:
@@ -562,7 +568,7 @@ def compile_trajectory(action, integrator, length: float, n_steps: int,
         # the force alone, as one graph, for the bench's force timing (compiled at its first call)
         fn.stencil = stencil
         fn.force_and_action = compile_graph(stencil.force_and_action,
-                                            FLOW_INDUCTOR if inductor is None else inductor)
+                                            md_inductor(action) if inductor is None else inductor)
     elif compilable(action):
         if example is not None:
             layout = layout or default_layout(example[0].device, example[0].shape[0])
