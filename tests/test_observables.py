@@ -55,3 +55,32 @@ def test_momentum_space_G_by_the_2d_transform(phi):
     torch.testing.assert_close(0.5 * (G[:, 1, 0] + G[:, 0, 1]), observables.g_pmin(phi))
     torch.testing.assert_close(G[:, 1, 0], G[:, L - 1, 0])      # p and -p: real field
     assert not torch.allclose(G[:, 1, 0], G[:, 0, 1])           # the directions do differ
+
+
+@pytest.mark.parametrize("L", [2, 3, 5, 8])
+def test_correlator_and_g_pmin_by_fft_at_odd_and_small_L(L):
+    """The power-spectrum forms against the FFT of the time slices, odd L included (where
+    no momentum stands for itself at L/2) and L = 2 (p_min = pi)."""
+    phi = torch.randn(4, L, L, dtype=torch.float64, generator=torch.Generator().manual_seed(L))
+    ts = observables.timeslices(phi)
+    f = torch.fft.fft(ts, dim=-1)
+    auto = torch.fft.ifft(f * f.conj(), dim=-1).real.mean(1) / L**2      # [B, L]
+    torch.testing.assert_close(observables.correlator(phi), auto[:, : L // 2 + 1],
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(observables.g_pmin(phi), (f[..., 1].abs() ** 2).mean(1) / L**2,
+                               rtol=1e-12, atol=0)
+
+
+def test_measure_all_records_of_hmc_z_equal_phi():
+    """For HMC z is phi: Mz is M bit for bit (the same sums), and every record has the
+    stored shape."""
+    from hpcflow.hmc import HMCInfo
+
+    L, B = 6, 3
+    phi = torch.randn(B, L, L, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    dH = torch.tensor([0.1, float("nan"), -0.2], dtype=torch.float64)
+    meas = observables.measure_all(phi, phi, HMCInfo(dH, dH < 0, dH, dH != dH))
+    np.testing.assert_array_equal(meas["M"], meas["Mz"])
+    for o in observables.OBSERVABLES:
+        assert meas[o.name].shape == (B, *o.shape(L)), o.name
+    assert meas["dH"][1] == np.inf  # an overflowed trajectory is stored as +inf

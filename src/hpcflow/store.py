@@ -100,6 +100,7 @@ import json
 import os
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -141,23 +142,73 @@ def kill_point(name: str):
 _KILL_COUNTS: dict[str, int] = {}
 
 
-def _crc_start(replica: int, index: int) -> int:
-    return (index * 2654435761 + replica * 40503 + 1) & 0xFFFFFFFF
+#: zlib's crc32 byte table (reflected polynomial 0xEDB88320): one step of the register is
+#: ``reg -> _CRC_TABLE[(reg ^ byte) & 0xFF] ^ (reg >> 8)``.
+_CRC_TABLE = np.array([zlib.crc32(bytes([v])) ^ zlib.crc32(b"\0") for v in range(256)],
+                      dtype=np.uint32)
+#: Rows of at most this many bytes are checksummed as a batch (:func:`_crc32_rows`); wider
+#: ones one zlib call each (the call, not the bytes, is what a narrow row costs).
+CRC_BATCH_MAX_BYTES = 128
+
+
+def _zero_bytes(reg: np.ndarray, n: int) -> np.ndarray:
+    """The crc32 registers ``reg`` after n zero bytes (a linear map over GF(2))."""
+    for _ in range(n):
+        reg = _CRC_TABLE[reg & 0xFF] ^ (reg >> 8)
+    return reg
+
+
+@lru_cache(maxsize=64)
+def _crc_tables(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """For rows of ``width`` bytes: ``data`` [width, 256], the register (started at 0) after
+    byte v at position p and zeros to the end of the row, and ``start`` [4, 256], the
+    register after ``width`` zero bytes started at v << 8k.  The register is linear in its
+    start and in every byte, so it is the XOR of these."""
+    data = np.empty((width, 256), dtype=np.uint32)
+    reg = _CRC_TABLE.copy()
+    for p in range(width - 1, -1, -1):
+        data[p] = reg
+        reg = _zero_bytes(reg, 1)
+    v = np.arange(256, dtype=np.uint32)
+    start = np.stack([_zero_bytes(v << np.uint32(8 * k), width) for k in range(4)])
+    return data, start
+
+
+def _crc32_rows(rows: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """``zlib.crc32(rows[i].tobytes(), start[i])`` for every row of uint8 [N, width] at once:
+    crc = ~(Z^width(~start) ^ XOR_p D_p(byte_p)), with the tables of :func:`_crc_tables`."""
+    width = rows.shape[1]
+    data, zero = _crc_tables(width)
+    reg = ~start.astype(np.uint32)
+    acc = (zero[0][reg & 0xFF] ^ zero[1][(reg >> 8) & 0xFF] ^ zero[2][(reg >> 16) & 0xFF]
+           ^ zero[3][reg >> 24])
+    for p in range(width):
+        acc ^= data[p][rows[:, p]]
+    return ~acc
 
 
 def row_checksums(rows: np.ndarray, r0: int, m0: int) -> np.ndarray:
     """uint32 [B, n]: crc32 of row (r0 + b, m0 + i) of ``rows`` [B, n, ...], its bytes as
     stored (little-endian), with initial value (m 2654435761 + r 40503 + 1) mod 2^32, so
-    that a row written to another place fails its checksum too."""
+    that a row written to another place fails its checksum too.
+
+    zlib's crc32, bit for bit; rows of up to :data:`CRC_BATCH_MAX_BYTES` bytes (the
+    measurements) all at once (:func:`_crc32_rows`), wider ones (configurations) a zlib
+    call each."""
     a = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))
     B, n = a.shape[:2]
     width = a[0, 0].nbytes if B and n else 0
-    out = np.empty((B, n), dtype=np.uint32)
-    for b in range(B):
-        buf = memoryview(a[b].tobytes())
-        out[b] = [zlib.crc32(buf[i * width:(i + 1) * width], _crc_start(r0 + b, m0 + i))
-                  for i in range(n)]
-    return out
+    m = np.arange(m0, m0 + n, dtype=np.uint64)[None, :]
+    r = np.arange(r0, r0 + B, dtype=np.uint64)[:, None]
+    start = ((m * np.uint64(2654435761) + r * np.uint64(40503) + np.uint64(1))
+             & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    if B * n == 0:
+        return np.empty((B, n), dtype=np.uint32)
+    if width <= CRC_BATCH_MAX_BYTES:
+        return _crc32_rows(a.reshape(B * n, -1).view(np.uint8), start.ravel()).reshape(B, n)
+    flat, starts = a.reshape(B * n, -1), start.ravel().tolist()
+    return np.fromiter((zlib.crc32(row, s) for row, s in zip(flat, starts)),
+                       dtype=np.uint32, count=B * n).reshape(B, n)
 
 
 def checkpoint_checksums(phi: np.ndarray, rng: np.ndarray, trajectory: int, r0: int) -> np.ndarray:
