@@ -122,3 +122,34 @@ def test_metropolis_rejects_and_keeps_state():
     assert bool(info.accepted[0]) and bool(info.accepted[2])
     assert bool(info.accepted[1]) == bool(info.dH[1] < 0)
     torch.testing.assert_close(new.S, ACTION.action(new.phi))
+
+
+def test_hmc_step_takes_a_fused_steps_info_at_the_default_threshold_only():
+    """A fused step's six numbers (hmc.metropolis_info) give HMCInfo as they are; with another
+    divergence_threshold hmc_step recomputes probability and divergence from dH."""
+    from hpcflow.hmc import DIVERGENCE_THRESHOLD, HMCState, hmc_step, metropolis_info
+
+    action = Phi4Action(beta=0.5, lam=0.5)
+    phi = torch.zeros(3, 4, 4, dtype=torch.float64)
+    pi = torch.ones(3, 4, 4, dtype=torch.float64)
+    dH = torch.tensor([0.5, -2.0, 5e3], dtype=torch.float64)
+
+    class Fused:
+        @staticmethod
+        def step(phi, S, pi, log_u):  # a stand-in whose info is recognisably its own
+            return (phi, S, dH, log_u < -dH, torch.full_like(dH, 0.25),
+                    torch.tensor([True, False, True]))
+
+    state = HMCState(phi, action.action(phi))
+    log_u = torch.zeros(3, dtype=torch.float64)
+    _, info = hmc_step(action, state, pi, log_u, "leapfrog", 1.0, 2, trajectory=Fused)
+    assert info.acceptance_probability.tolist() == [0.25] * 3
+    assert info.divergent.tolist() == [True, False, True]
+    _, info = hmc_step(action, state, pi, log_u, "leapfrog", 1.0, 2, trajectory=Fused,
+                       divergence_threshold=1.0)
+    torch.testing.assert_close(info.acceptance_probability, torch.exp(torch.clamp(-dH, max=0)))
+    assert info.divergent.tolist() == [False, True, True]
+    # and metropolis_info's own pair is trajectory_info at the default threshold
+    out = metropolis_info(phi, state.S, pi, phi, pi, state.S + dH, log_u)
+    assert out[5].tolist() == (dH.abs() > DIVERGENCE_THRESHOLD).tolist()
+    torch.testing.assert_close(out[4], torch.exp(torch.clamp(-out[2], max=0)))

@@ -64,7 +64,7 @@ from typing import Callable
 import torch
 
 from .action import FlowedAction, Phi4Action
-from .hmc import metropolis
+from .hmc import metropolis_info
 
 MODES = ("auto", "on", "off")
 
@@ -105,13 +105,14 @@ def eager_trajectory(action, integrator, length: float, n_steps: int) -> Callabl
 
 
 def eager_step(action, integrator, length: float, n_steps: int) -> Callable:
-    """(phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted): the trajectory of
-    :func:`eager_trajectory` and the Metropolis test (:func:`hpcflow.hmc.metropolis`), what
-    hmc_step computes eagerly; the reference of the compiled step (:func:`hmc_trajectory`)."""
+    """(phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted, probability, divergent): the
+    trajectory of :func:`eager_trajectory` and the Metropolis test with the trajectory's
+    info (:func:`hpcflow.hmc.metropolis_info`), what hmc_step computes eagerly; the reference
+    of the compiled step (:func:`hmc_trajectory`)."""
     trajectory = eager_trajectory(action, integrator, length, n_steps)
 
     def step(phi, S, pi, log_u):
-        return metropolis(phi, S, pi, *trajectory(phi, pi), log_u)
+        return metropolis_info(phi, S, pi, *trajectory(phi, pi), log_u)
 
     return step
 
@@ -152,7 +153,8 @@ def site_major_parts(action, integrator, length: float, n_steps: int):
 def end_parts(action):
     """What both layouts compute after the MD, on contiguous [B, L0, L1] end points, as one
     graph each: ``end_action(phi')`` = S(phi') and ``end_step(phi, S, pi, phi', pi', log_u)``,
-    the Metropolis test (:func:`hpcflow.hmc.metropolis`) with S(phi').  The same graphs for
+    the Metropolis test with S(phi') and the trajectory's acceptance probability and
+    divergence (:func:`hpcflow.hmc.metropolis_info`).  The same graphs for
     both layouts and any B, so S and dH (sums whose order inductor chooses per graph) do
     not depend on the layout, which depends on the replicas per rank (a sum of the end
     point fused into the site-major graphs made dH differ between 1 and 2 ranks)."""
@@ -161,7 +163,7 @@ def end_parts(action):
         return action.action(phi_new)
 
     def end_step(phi, S, pi, phi_new, pi_new, log_u):
-        return metropolis(phi, S, pi, phi_new, pi_new, action.action(phi_new), log_u)
+        return metropolis_info(phi, S, pi, phi_new, pi_new, action.action(phi_new), log_u)
 
     return end_action, end_step
 
@@ -312,7 +314,8 @@ def hmc_trajectory(action, integrator, length: float, n_steps: int, layout: str,
     """The compiled HMC trajectory (phi, pi) -> (phi', pi', S(phi')) on [B, L0, L1] batches
     in ``layout``: the MD (site-major: :func:`sites_first`, :func:`site_major_parts`;
     batch-major: the integrator on the batch, one graph), then :func:`end_parts`.  With
-    ``metropolis`` it carries ``step`` (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted).
+    ``metropolis`` it carries ``step`` (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted,
+    probability, divergent) (:func:`hpcflow.hmc.metropolis_info`).
     ``inductor``: the MD graph's inductor settings (None: :data:`MD_INDUCTOR`; ``{}``:
     inductor's defaults)."""
     md_inductor = MD_INDUCTOR if inductor is None else inductor
@@ -371,8 +374,9 @@ def stencil_trajectory(stencil: "StencilFlow", integrator, length: float, n_step
     ``compiled`` each is one graph (:func:`compile_graph`, inductor settings ``inductor``,
     None: :data:`FLOW_INDUCTOR`; the coefficients are 0-d tensor arguments, so every
     kick-drift of the trajectory is the same graph), the change to halves is one more, and
-    the trajectory carries ``step`` (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted),
-    with the Metropolis test (:func:`hpcflow.hmc.metropolis`) compiled too, what
+    the trajectory carries ``step`` (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted,
+    probability, divergent), with the Metropolis test (:func:`hpcflow.hmc.metropolis_info`)
+    compiled too, what
     :func:`hpcflow.hmc.hmc_step` calls (always compiled when the force is, so dH is
     computed alike whatever the replicas per rank).  Its ``graphs``: the compiled ones."""
     schedule = integrator.schedule(length / n_steps, n_steps)
@@ -408,7 +412,7 @@ def stencil_trajectory(stencil: "StencilFlow", integrator, length: float, n_step
 
     trajectory.graphs = [kick_drift, kick_action, both_halves] if compiled else []
     if compiled:
-        test = compile_graph(metropolis)
+        test = compile_graph(metropolis_info)
 
         def step(phi, S, pi, log_u):
             return test(phi, S, pi, *trajectory(phi, pi), log_u)
@@ -505,7 +509,7 @@ def chunk_rows(B: int, sites: int, device, chunk_sites: int | None = None,
 
 def chunked(fn: Callable, rows: int) -> Callable:
     """``fn`` over per-replica tensors (the trajectory (phi, pi) -> (phi', pi', S), the step
-    (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted)) run on chunks of ``rows``
+    (phi, S, pi, log_u) -> (phi_out, S_out, dH, accepted, ...)) run on chunks of ``rows``
     replicas of the batch, the results joined.  Chains are independent, so each row's
     result is the one of the whole batch; the last chunk is padded with zeros (whose results
     are dropped), so ``fn`` sees one shape and is compiled once."""

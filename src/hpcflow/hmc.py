@@ -164,6 +164,24 @@ def metropolis(phi, S, pi, phi_new, pi_new, S_new, log_u):
     return torch.where(keep, phi_new, phi), torch.where(accepted, S_new, S), dH, accepted
 
 
+def trajectory_info(dH: torch.Tensor, divergence_threshold: float = DIVERGENCE_THRESHOLD):
+    """(acceptance probability, divergent) of the energy violations dH [B]: min(1, exp(-dH))
+    (0 for dH = +inf, NaN for NaN), and dH not finite or |dH| > ``divergence_threshold``
+    (:class:`HMCInfo`)."""
+    probability = torch.exp(torch.clamp(-dH, max=0.0))
+    divergent = ~torch.isfinite(dH) | (dH.abs() > divergence_threshold)
+    return probability, divergent
+
+
+def metropolis_info(phi, S, pi, phi_new, pi_new, S_new, log_u):
+    """:func:`metropolis` and :func:`trajectory_info` of its dH (at
+    :data:`DIVERGENCE_THRESHOLD`): (phi_out, S_out, dH, accepted, probability, divergent),
+    what a fused step returns (:mod:`hpcflow.fused`), so that hmc_step adds no operation of
+    its own after the compiled graph."""
+    phi_out, S_out, dH, accepted = metropolis(phi, S, pi, phi_new, pi_new, S_new, log_u)
+    return (phi_out, S_out, dH, accepted, *trajectory_info(dH))
+
+
 def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
              integrator: Integrator | str, length: float, n_steps: int,
              divergence_threshold: float = DIVERGENCE_THRESHOLD,
@@ -199,8 +217,9 @@ def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
         (phi, pi) -> (phi', pi', S(phi')): replaces the integration and the final action,
         the fused, compiled form of the same (:mod:`hpcflow.fused`).  One that carries a
         fused step (its attribute ``step``: (phi, S, pi, log_u) -> (phi_out, S_out, dH,
-        accepted), the trajectory and :func:`metropolis` compiled; what
-        ``fused.compile_trajectory`` returns for HMC by default) runs that instead.
+        accepted) or, with the trajectory's probability and divergence too, the six numbers
+        of :func:`metropolis_info`; the trajectory and the test compiled; what
+        ``fused.compile_trajectory`` returns by default) runs that instead.
 
     Returns
     -------
@@ -218,8 +237,12 @@ def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
     if isinstance(integrator, str):
         integrator = INTEGRATORS[integrator]
     step = getattr(trajectory, "step", None)
+    info = None
     if step is not None:
-        phi_out, S_out, dH, accepted = step(state.phi, state.S, pi, log_u)
+        out = step(state.phi, state.S, pi, log_u)
+        phi_out, S_out, dH, accepted = out[:4]
+        if len(out) == 6 and divergence_threshold == DIVERGENCE_THRESHOLD:
+            info = out[4:]
     else:
         if trajectory is None:
             phi_new, pi_new = integrator(state.phi, pi, action.force, length / n_steps, n_steps)
@@ -228,9 +251,7 @@ def hmc_step(action, state: HMCState, pi: torch.Tensor, log_u: torch.Tensor,
             phi_new, pi_new, S_new = trajectory(state.phi, pi)
         phi_out, S_out, dH, accepted = metropolis(state.phi, state.S, pi, phi_new, pi_new,
                                                   S_new, log_u)
-    new_state = HMCState(phi_out, S_out)
-    with torch.no_grad():
-        d = dH.detach()
-        probability = torch.exp(torch.clamp(-d, max=0.0))
-        divergent = ~torch.isfinite(d) | (d.abs() > divergence_threshold)
-    return new_state, HMCInfo(dH, accepted, probability, divergent)
+    if info is None:
+        with torch.no_grad():
+            info = trajectory_info(dH.detach(), divergence_threshold)
+    return HMCState(phi_out, S_out), HMCInfo(dH, accepted, *info)
