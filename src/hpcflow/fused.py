@@ -352,8 +352,9 @@ def hmc_trajectory(action, integrator, length: float, n_steps: int, layout: str,
 #: without it the tanh of s and t was recomputed in three loops), and the gathers are
 #: compiled without per-row bounds checks (``assert_indirect_indexing``; StencilFlow
 #: checks its tables once when it builds them).  Measured in the bench, same rounds
-#: (results/bench-cpu-epyc.json, ``fhmc.compiled.inductor_default``): the flowed force and
-#: action in 243 us at L = 16, B = 64, against 329 us at inductor's defaults.
+#: (results/bench-cpu-epyc.json as of 8742f15, ``fhmc.compiled.inductor_default``): the
+#: flowed force and action in 243 us at L = 16, B = 64, against 329 us at inductor's
+#: defaults (292 against 349 us in the noisier run at 2d6f513).
 FLOW_INDUCTOR = {"realize_reads_threshold": 1, "assert_indirect_indexing": False}
 
 
