@@ -54,7 +54,7 @@ import torch
 def magnetization(phi: torch.Tensor) -> torch.Tensor:
     """M = (1/V) sum_x phi_x, shape [B] (the row sums first: the sums of
     :func:`magnetization_of_timeslices`, so M of z = phi is M of phi bit for bit)."""
-    return phi.sum(-1).sum(-1) / phi[0].numel()
+    return phi.sum(-1).sum(-1) / (phi.shape[-2] * phi.shape[-1])
 
 
 def timeslices(phi: torch.Tensor) -> torch.Tensor:

@@ -197,13 +197,13 @@ def row_checksums(rows: np.ndarray, r0: int, m0: int) -> np.ndarray:
     call each."""
     a = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))
     B, n = a.shape[:2]
-    width = a[0, 0].nbytes if B and n else 0
+    if B * n == 0:
+        return np.empty((B, n), dtype=np.uint32)
+    width = a[0, 0].nbytes
     m = np.arange(m0, m0 + n, dtype=np.uint64)[None, :]
     r = np.arange(r0, r0 + B, dtype=np.uint64)[:, None]
     start = ((m * np.uint64(2654435761) + r * np.uint64(40503) + np.uint64(1))
              & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    if B * n == 0:
-        return np.empty((B, n), dtype=np.uint32)
     if width <= CRC_BATCH_MAX_BYTES:
         return _crc32_rows(a.reshape(B * n, -1).view(np.uint8), start.ravel()).reshape(B, n)
     flat, starts = a.reshape(B * n, -1), start.ravel().tolist()
